@@ -1,0 +1,392 @@
+"""The experiment config: one typed dataclass per YAML section, strict loading and overrides.
+
+A config is built in three layers: the embedded defaults (the offline quickstart), then the
+YAML file given with `--config`, then each `--set section.key=value`. Every key is checked
+against the schema below; unknown keys, wrong types and out-of-range values raise
+`LlmgenError` with the file, the key and a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from llmgen.errors import LlmgenError
+
+
+def _rng(lo: float | None = None, hi: float | None = None, gt: float | None = None) -> dict:
+    """Field metadata for numeric bounds: lo <= v <= hi, and v > gt."""
+    return {"lo": lo, "hi": hi, "gt": gt}
+
+
+@dataclass
+class DataConfig:
+    # A path (.txt/.jsonl/.json/.parquet/.csv, folder or glob), hf:<name>[:<config>], or builtin:stories.
+    source: Union[str, list[str]] = "builtin:stories"
+    prepared_dir: str = "data/quickstart"
+    val_fraction: float = field(default=0.05, metadata=_rng(0.0, 0.5))
+    text_field: str = "text"
+    # How a .txt file is cut into documents: null = one document per file; e.g. "\n\n" or "<|endoftext|>".
+    separator: Optional[str] = None
+    streaming: bool = False  # hf: sources: stream instead of downloading the whole dataset
+    split: str = "train"  # hf: sources: which split to read
+    on_decode_error: Literal["error", "replace"] = "error"
+    max_documents: Optional[int] = field(default=None, metadata=_rng(1))
+    builtin_documents: int = field(default=12000, metadata=_rng(1))  # size of builtin: corpora
+    seed: int = 1337  # builtin: generator and the train/val split
+
+
+@dataclass
+class TokenizerConfig:
+    type: Literal["bpe", "bytes", "pretrained"] = "bpe"
+    vocab_size: int = field(default=1024, metadata=_rng(1, 1 << 24))
+    path: Optional[str] = None  # tokenizer.json or an HF tokenizer directory, for type: pretrained
+    min_frequency: int = field(default=2, metadata=_rng(1))
+    train_max_bytes: int = field(default=200_000_000, metadata=_rng(1))  # BPE trains on this much text
+
+
+# Named model shapes; explicit model.* keys override the preset's values.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=128, max_seq_len=256),
+    "quickstart": dict(arch="llama", n_layer=4, n_head=4, n_kv_head=4, d_model=192, max_seq_len=256),
+    "small": dict(arch="llama", n_layer=6, n_head=6, n_kv_head=6, d_model=384, max_seq_len=512),
+    "gpt2-124m": dict(arch="gpt2", n_layer=12, n_head=12, n_kv_head=12, d_model=768, max_seq_len=1024,
+                      tie_embeddings=True),
+    "llama-110m": dict(arch="llama", n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=1024),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = "quickstart"
+    arch: Literal["llama", "gpt2"] = "llama"
+    n_layer: int = field(default=4, metadata=_rng(1))
+    n_head: int = field(default=4, metadata=_rng(1))
+    n_kv_head: Optional[int] = field(default=None, metadata=_rng(1))  # null = n_head (no GQA)
+    d_model: int = field(default=192, metadata=_rng(1))
+    d_ff: Optional[int] = field(default=None, metadata=_rng(1))  # null = arch default
+    max_seq_len: int = field(default=256, metadata=_rng(1))
+    vocab_size: Optional[int] = field(default=None, metadata=_rng(1))  # null = from the tokenizer
+    dropout: float = field(default=0.0, metadata=_rng(0.0, 1.0))
+    tie_embeddings: bool = True
+    rope_theta: float = field(default=10000.0, metadata=_rng(gt=0))
+    norm_eps: float = field(default=1e-5, metadata=_rng(gt=0))
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = field(default=600, metadata=_rng(1))
+    batch_size: int = field(default=16, metadata=_rng(1))
+    grad_accum_steps: int = field(default=1, metadata=_rng(1))
+    seq_len: int = field(default=128, metadata=_rng(1))
+    lr: float = field(default=2e-3, metadata=_rng(gt=0))
+    min_lr: float = field(default=2e-4, metadata=_rng(0.0))
+    warmup_steps: int = field(default=50, metadata=_rng(0))
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    weight_decay: float = field(default=0.1, metadata=_rng(0.0))
+    beta1: float = field(default=0.9, metadata=_rng(0.0, 1.0))
+    beta2: float = field(default=0.95, metadata=_rng(0.0, 1.0))
+    grad_clip: float = field(default=1.0, metadata=_rng(0.0))
+    eval_every: int = field(default=100, metadata=_rng(1))
+    eval_steps: int = field(default=20, metadata=_rng(1))
+    log_every: int = field(default=10, metadata=_rng(1))
+    save_every: int = field(default=200, metadata=_rng(1))
+    keep: Literal["last", "best"] = "best"
+    keep_last_n: int = field(default=2, metadata=_rng(1))
+    seed: int = 1337
+    mixed_precision: Literal["auto", "no", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    early_stopping_patience: Optional[int] = field(default=None, metadata=_rng(1))
+    resume: Literal["never", "auto"] = "never"
+    skip_nonfinite: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=8, metadata=_rng(1))
+    alpha: float = field(default=16.0, metadata=_rng(gt=0))
+    dropout: float = field(default=0.05, metadata=_rng(0.0, 1.0))
+    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DatasetSpec:
+    source: str = "builtin:instructions"
+    format: Literal["text", "alpaca", "chat", "prompt_completion"] = "prompt_completion"
+    weight: float = field(default=1.0, metadata=_rng(gt=0))
+
+
+@dataclass
+class FinetuneConfig:
+    base: Optional[str] = None  # null = the newest pretrained run under run_dir
+    method: Literal["full", "lora", "freeze"] = "full"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze_layers: Optional[int] = field(default=None, metadata=_rng(0))
+    layer_lr_decay: float = field(default=1.0, metadata=_rng(gt=0, hi=1.0))
+    datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
+    template: Optional[Literal["alpaca", "chatml", "plain"]] = None
+    train_on_prompt: bool = False
+    packing: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = field(default=100, metadata=_rng(1))
+    temperature: float = field(default=0.8, metadata=_rng(0.0))
+    top_k: Optional[int] = field(default=None, metadata=_rng(1))
+    top_p: float = field(default=1.0, metadata=_rng(gt=0.0, hi=1.0))
+    min_p: float = field(default=0.0, metadata=_rng(0.0, 1.0))
+    repetition_penalty: float = field(default=1.0, metadata=_rng(gt=0))
+    num_beams: int = field(default=1, metadata=_rng(1))
+    num_return_sequences: int = field(default=1, metadata=_rng(1))
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = True
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: ["ppl", "bleu", "rouge"])
+    data: Optional[str] = None
+    max_samples: Optional[int] = field(default=None, metadata=_rng(1))
+    stride: Optional[int] = field(default=None, metadata=_rng(1))
+    batch_size: int = field(default=8, metadata=_rng(1))
+    seed: int = 1337
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/quickstart"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides, validated against the schema."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        where = str(path)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return build_config(raw, where)
+
+
+def build_config(raw: dict[str, Any], where: str = "config") -> Config:
+    """Validate a nested dict (as read from YAML) into a Config."""
+    raw = dict(raw)
+    model = raw.get("model")
+    if model is None or isinstance(model, dict):
+        model = dict(model or {})
+        preset = model.get("preset", ModelConfig.preset)
+        if preset is not None:
+            if preset not in MODEL_PRESETS:
+                raise LlmgenError(f"{where}: model.preset {preset!r} is unknown{_suggest(str(preset), MODEL_PRESETS)}; "
+                                  f"choose one of {', '.join(MODEL_PRESETS)} or set preset: null and the shape keys")
+            model = {**MODEL_PRESETS[preset], **model}
+        raw["model"] = model
+    cfg = _to_dataclass(Config, raw, where, prefix="")
+    _check_consistency(cfg, where)
+    return cfg
+
+
+def _check_consistency(cfg: Config, where: str) -> None:
+    m = cfg.model
+    if m.d_model % m.n_head:
+        raise LlmgenError(f"{where}: model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        raise LlmgenError(f"{where}: model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({kv})")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise LlmgenError(f"{where}: train.min_lr ({cfg.train.min_lr}) is larger than train.lr ({cfg.train.lr})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LlmgenError(f"config file {path} does not exist; pass an existing YAML file to --config "
+                          f"(examples are in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LlmgenError(f"{path}:{line}: malformed YAML: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LlmgenError(f"{path}: cannot be read as YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LlmgenError(f"{path}: the top level must be a mapping of sections (data:, model:, train: ...), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise LlmgenError(f"--set {item!r}: expected section.key=value, e.g. --set train.max_steps=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML: take it as a plain string
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _to_dataclass(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    section = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise LlmgenError(f"{where}: {section} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise LlmgenError(f"{where}: unknown key {prefix}{key}{_suggest(str(key), fields)}; "
+                              f"valid keys in {section}: {', '.join(fields)}")
+        f = fields[key]
+        kwargs[key] = _coerce(hints[key], value, where, prefix + key, f.metadata)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(tp: Any, value: Any, where: str, key: str, meta: Any = None) -> Any:
+    try:
+        out = _coerce_inner(tp, value, where, key)
+    except _Mismatch:
+        raise LlmgenError(f"{where}: {key} = {value!r} is not {_type_name(tp)}") from None
+    if meta and isinstance(out, (int, float)) and not isinstance(out, bool):
+        lo, hi, gt = meta.get("lo"), meta.get("hi"), meta.get("gt")
+        bad = (lo is not None and out < lo) or (hi is not None and out > hi) or (gt is not None and out <= gt)
+        if bad:
+            parts = []
+            if gt is not None:
+                parts.append(f"> {gt}")
+            if lo is not None:
+                parts.append(f">= {lo}")
+            if hi is not None:
+                parts.append(f"<= {hi}")
+            raise LlmgenError(f"{where}: {key} = {value!r} is out of range; allowed: {' and '.join(parts)}")
+    return out
+
+
+def _coerce_inner(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce_inner(arg, value, where, key)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise LlmgenError(f"{where}: {key} = {value!r} is not one of {', '.join(map(repr, choices))}"
+                              f"{_suggest(str(value), [str(c) for c in choices])}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            if isinstance(value, (str, int, float)) and not dataclasses.is_dataclass(item_tp):
+                value = [value]  # a lone scalar is a one-item list
+            else:
+                raise _Mismatch
+        return [_coerce(item_tp, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return _to_dataclass(tp, value, where, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch
+    raise _Mismatch
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from llmgen.atomic import atomic_write_text
+
+    atomic_write_text(path, cfg.to_yaml())

@@ -1,0 +1,218 @@
+"""`llmgen prepare`: sources -> tokenizer -> train.bin / val.bin / meta.json, atomically.
+
+The pipeline streams: documents are read in pieces, encoded in parallel batches by the Rust
+tokenizer, and appended to the shard files, so memory does not grow with the corpus. The
+output is built in a temporary folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from llmgen import __version__, ui
+from llmgen.atomic import atomic_dir
+from llmgen.config import Config
+from llmgen.data.shards import FORMAT_VERSION, ShardWriter, shard_dtype, write_meta
+from llmgen.data.sources import _SAFE_CUT, Corpus, Document
+from llmgen.data.tokenizer import Tokenizer, bytes_tokenizer, train_bpe
+from llmgen.errors import LlmgenError
+
+BATCH_CHARS = 2 << 20  # text per encode_batch call
+
+
+@dataclass
+class PrepareResult:
+    folder: Path
+    meta: dict
+    up_to_date: bool
+    seconds: float
+
+
+def _fingerprint(cfg: Config, corpus: Corpus) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{FORMAT_VERSION}".encode())
+    h.update(corpus.fingerprint().encode())
+    d, t = cfg.data, cfg.tokenizer
+    h.update(repr((d.val_fraction, t.type, t.vocab_size, t.min_frequency, t.train_max_bytes)).encode())
+    if t.type == "pretrained" and t.path:
+        p = Path(t.path)
+        f = p / "tokenizer.json" if p.is_dir() else p
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _build_tokenizer(cfg: Config, corpus: Corpus) -> Tokenizer:
+    t = cfg.tokenizer
+    if t.type == "bytes":
+        return bytes_tokenizer()
+    if t.type == "pretrained":
+        if not t.path:
+            raise LlmgenError("tokenizer.type is pretrained but tokenizer.path is not set; point it at a "
+                              "tokenizer.json or an HF tokenizer folder")
+        return Tokenizer.load(Path(t.path))
+    budget = t.train_max_bytes
+    total = corpus.total_bytes()
+
+    def texts() -> Iterator[str]:
+        seen = 0
+        with ui.progress("training tokenizer", min(total, budget) if total else budget) as bar:
+            for doc in corpus.documents():
+                for piece in doc.pieces:
+                    n = len(piece.encode("utf-8"))
+                    yield piece
+                    bar.advance(n)
+                    seen += n
+                    if seen >= budget:
+                        return
+
+    tok = train_bpe(texts(), t.vocab_size, t.min_frequency)
+    if tok.vocab_size < t.vocab_size:
+        ui.info(f"note: the corpus supports only {tok.vocab_size} BPE tokens (asked for {t.vocab_size})")
+    return tok
+
+
+def _position_split(doc: Document, val_fraction: float) -> Iterator[tuple[str, str]]:
+    """Split one long document by position: its last `val_fraction` of bytes go to validation."""
+    pieces = doc.pieces if doc.nbytes is not None else list(doc.pieces)
+    total = doc.nbytes if doc.nbytes is not None else sum(len(p.encode("utf-8")) for p in pieces)
+    target = int(total * (1.0 - val_fraction))
+    if val_fraction <= 0:
+        yield from (("train", p) for p in pieces)
+        return
+    seen, in_val = 0, False
+    for piece in pieces:
+        if in_val:
+            yield "val", piece
+            continue
+        nb = len(piece.encode("utf-8"))
+        if seen + nb <= target:
+            seen += nb
+            yield "train", piece
+            continue
+        k = int(len(piece) * (target - seen) / max(nb, 1))  # exact for ASCII, proportional otherwise
+        m = _SAFE_CUT.search(piece, k)
+        cut = m.start() if m else k
+        if piece[:cut]:
+            yield "train", piece[:cut]
+        if piece[cut:]:
+            yield "val", piece[cut:]
+        in_val = True
+
+
+def _is_val(index: int, val_fraction: float) -> bool:
+    """Systematic split by document: every (1/val_fraction)-th document goes to validation."""
+    return int((index + 1) * val_fraction) > int(index * val_fraction)
+
+
+def _tagged_pieces(corpus: Corpus, val_fraction: float) -> Iterator[tuple[str, str, bool]]:
+    """(split, text piece, ends a document) for the whole corpus."""
+    docs = corpus.documents()
+    first = next(docs, None)
+    if first is None:
+        return
+    second = next(docs, None)
+    if second is None:  # one long document (a novel, tinyshakespeare): split by position
+        prev = None
+        for split, piece in _position_split(first, val_fraction):
+            if prev is not None:
+                yield prev[0], prev[1], prev[0] != split
+            prev = (split, piece)
+        if prev is not None:
+            yield prev[0], prev[1], True
+        return
+    for index, doc in enumerate(chain([first, second], docs)):
+        split = "val" if _is_val(index, val_fraction) else "train"
+        prev = None
+        for piece in doc.pieces:
+            if prev is not None:
+                yield split, prev, False
+            prev = piece
+        if prev is not None:
+            yield split, prev, True
+
+
+def prepare(cfg: Config, force: bool = False) -> PrepareResult:
+    """Tokenize `cfg.data.source` into `cfg.data.prepared_dir`; a no-op when already up to date."""
+    t0 = time.time()
+    corpus = Corpus(cfg.data)
+    folder = Path(cfg.data.prepared_dir)
+    fingerprint = _fingerprint(cfg, corpus)
+    meta_file = folder / "meta.json"
+    if not force and meta_file.is_file():
+        try:
+            old = json.loads(meta_file.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("fingerprint") == fingerprint:
+            return PrepareResult(folder, old, True, time.time() - t0)
+
+    with atomic_dir(folder) as tmp:
+        tok = _build_tokenizer(cfg, corpus)
+        tok.save(tmp)
+        dtype = shard_dtype(tok.vocab_size)
+        writers = {s: ShardWriter(tmp / f"{s}.bin", dtype) for s in ("train", "val")}
+        eot = np.array([tok.eot_id])
+        total = corpus.total_bytes()
+        batch: list[tuple[str, str, bool]] = []
+        chars = 0
+        blank = True  # no visible text seen yet
+
+        def flush() -> None:
+            nonlocal blank
+            blank = blank and all(not text.strip() for _, text, _ in batch)
+            encoded = tok.encode_batch([text for _, text, _ in batch])
+            for (split, text, end), ids in zip(batch, encoded):
+                w = writers[split]
+                w.write(ids)
+                w.bytes += len(text.encode("utf-8"))
+                if end:
+                    w.write(eot)
+                    w.documents += 1
+
+        with ui.progress("encoding", total) as bar:
+            for item in _tagged_pieces(corpus, cfg.data.val_fraction):
+                batch.append(item)
+                chars += len(item[1])
+                if chars >= BATCH_CHARS or len(batch) >= 4096:
+                    flush()
+                    bar.advance(sum(len(t.encode("utf-8")) for _, t, _ in batch))
+                    batch, chars = [], 0
+            if batch:
+                flush()
+                bar.advance(sum(len(t.encode("utf-8")) for _, t, _ in batch))
+        for w in writers.values():
+            w.close()
+        tr, va = writers["train"], writers["val"]
+        if blank or tr.documents == 0:
+            raise LlmgenError(f"data.source {corpus.describe()}: the corpus is empty (no text found); check the "
+                              f"path, data.text_field and data.separator")
+        if cfg.data.val_fraction > 0 and va.tokens == 0:
+            raise LlmgenError(f"data.source {corpus.describe()}: too few documents ({tr.documents}) for a validation "
+                              f"split at data.val_fraction = {cfg.data.val_fraction}; raise it or add documents")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "llmgen_version": __version__,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "tokenizer_type": cfg.tokenizer.type,
+            "tokenizer_sha256": tok.sha256(),
+            "train_tokens": tr.tokens, "val_tokens": va.tokens,
+            "train_bytes": tr.bytes, "val_bytes": va.bytes,
+            "train_documents": tr.documents, "val_documents": va.documents,
+            "source": corpus.describe(),
+            "fingerprint": fingerprint,
+            "seconds": round(time.time() - t0, 2),
+        }
+        write_meta(tmp, meta)
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+    return PrepareResult(folder, meta, False, time.time() - t0)
