@@ -109,8 +109,13 @@ def _position_split(doc: Document, val_fraction: float) -> Iterator[tuple[str, s
 
 
 def _is_val(index: int, val_fraction: float) -> bool:
-    """Systematic split by document: every (1/val_fraction)-th document goes to validation."""
-    return int((index + 1) * val_fraction) > int(index * val_fraction)
+    """Systematic split by document: document 0, then every (1/val_fraction)-th, goes to validation.
+
+    Exact fractions, no randomness, streamable, and never an empty validation split."""
+    if val_fraction <= 0:
+        return False
+    offset = 1.0 - val_fraction
+    return int((index + 1) * val_fraction + offset) > int(index * val_fraction + offset)
 
 
 def _tagged_pieces(corpus: Corpus, val_fraction: float) -> Iterator[tuple[str, str, bool]]:
@@ -195,9 +200,6 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         if blank or tr.documents == 0:
             raise LlmgenError(f"data.source {corpus.describe()}: the corpus is empty (no text found); check the "
                               f"path, data.text_field and data.separator")
-        if cfg.data.val_fraction > 0 and va.tokens == 0:
-            raise LlmgenError(f"data.source {corpus.describe()}: too few documents ({tr.documents}) for a validation "
-                              f"split at data.val_fraction = {cfg.data.val_fraction}; raise it or add documents")
         meta = {
             "format_version": FORMAT_VERSION,
             "llmgen_version": __version__,
