@@ -1,0 +1,235 @@
+"""The whole network in one file: a decoder-only Transformer, Llama- or GPT-2-style.
+
+`model.arch` picks the variant (architecture as data, as in litgpt):
+  llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head), no biases
+  gpt2:  learned absolute positions, LayerNorm, GELU MLP, biases
+Both are pre-norm residual stacks with optional tied embeddings, dropout, and
+`scaled_dot_product_attention` with causal masking. Shapes are in the comments:
+B batch, T time (new tokens), S time incl. cached tokens, C d_model, nh heads, nkv KV heads,
+hs head size, V vocab.
+
+A `KVCache` (preallocated, written in place) makes incremental decoding cheap: call the model
+on the prompt with `cache=` and `pos=0` (prefill), then on each new token with its position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmgen.config import ModelConfig
+
+
+def ffn_hidden(cfg: ModelConfig) -> int:
+    """MLP width: explicit d_ff, else 4*C (gpt2) or ~8/3*C rounded up to a multiple of 64 (llama)."""
+    if cfg.d_ff:
+        return cfg.d_ff
+    if cfg.arch == "gpt2":
+        return 4 * cfg.d_model
+    return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 for stability under bf16 autocast
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_size: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, hs) for rotary embeddings in the rotate-half layout (HF Llama's)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (L, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + hs/2) of x (B, nh, T, hs) by the angles in cos/sin (T, hs) or (B, 1, T, hs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, nkv, max_len, hs) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> "KVCache":
+        nkv = cfg.n_kv_head or cfg.n_head
+        hs = cfg.d_model // cfg.n_head
+        shape = (cfg.n_layer, batch, nkv, max_len, hs)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = cfg.n_head
+        self.n_kv = cfg.n_kv_head or cfg.n_head
+        self.hs = cfg.d_model // cfg.n_head
+        bias = cfg.arch == "gpt2"
+        self.wq = nn.Linear(cfg.d_model, self.n_head * self.hs, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hs, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hs, bias=bias)
+        self.wo = nn.Linear(self.n_head * self.hs, cfg.d_model, bias=bias)
+        self.use_rope = cfg.arch == "llama"
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                cache: Optional[KVCache] = None, pos: int = 0,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[self.layer, :B, :, pos:pos + T] = k
+            cache.v[self.layer, :B, :, pos:pos + T] = v
+            k = cache.k[self.layer, :B, :, :pos + T]  # (B, nkv, S, hs)
+            v = cache.v[self.layer, :B, :, :pos + T]
+        if self.n_kv != self.n_head:  # grouped-query attention: each KV head serves n_head/n_kv query heads
+            rep = self.n_head // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(rep, dim=1)
+        drop = self.dropout if self.training else 0.0
+        S = k.shape[2]
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        elif S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=drop)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # one new token sees everything cached
+        else:  # several new tokens after a cached prefix: causal within the new block
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)  # (B, T, C)
+        return self.resid_drop(self.wo(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden(cfg)
+        self.gated = cfg.arch == "llama"
+        bias = cfg.arch == "gpt2"
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=bias)  # gate (llama) / up (gpt2)
+        if self.gated:
+            self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=bias)  # down
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            h = F.silu(self.w1(x)) * self.w3(x)  # SwiGLU
+        else:
+            h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's GELU
+        return self.drop(self.w2(h))
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, cache=None, pos=0, attn_mask=None):
+        x = x + self.attn(self.norm1(x), rope, cache, pos, attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.vocab_size:
+            raise ValueError("ModelConfig.vocab_size must be set (it comes from the tokenizer)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 / Llama practice: residual output projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.wo.weight") or name.endswith("mlp.w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6N plus attention's 12*L*C*T (PaLM appendix B)."""
+        c = self.cfg
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.d_model * seq_len
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, pos: int = 0,
+                attn_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, V), and the mean loss when
+        targets (B, T) are given (positions with target -100 are ignored)."""
+        B, T = idx.shape
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])  # (T, hs) each
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache, pos, attn_mask)
+        x = self.norm_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss

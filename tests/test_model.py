@@ -1,0 +1,107 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from llmgen.config import build_config
+from llmgen.model.transformer import KVCache, Transformer, apply_rope, ffn_hidden, rope_tables
+
+
+def make(arch="llama", **kw):
+    cfg = build_config({"model": {"preset": "tiny", "arch": arch, "vocab_size": 97, "max_seq_len": 64, **kw}}).model
+    torch.manual_seed(0)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shapes_and_loss(arch):
+    m = make(arch)
+    idx = torch.randint(0, 97, (3, 20))
+    logits, loss = m(idx, targets=torch.randint(0, 97, (3, 20)))
+    assert logits.shape == (3, 20, 97)
+    assert abs(loss.item() - math.log(97)) < 0.3  # fresh init predicts ~uniformly
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causality(arch):
+    m = make(arch)
+    idx = torch.randint(0, 97, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 97
+    a, _ = m(idx)
+    b, _ = m(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+def test_rope_matches_direct_formula():
+    hs, T, theta = 8, 5, 10000.0
+    cos, sin = rope_tables(hs, T, theta)
+    x = torch.randn(1, 1, T, hs)
+    got = apply_rope(x, cos, sin)
+    want = torch.empty_like(x)
+    for t in range(T):
+        for i in range(hs // 2):
+            ang = t * theta ** (-2 * i / hs)
+            a, b = x[0, 0, t, i], x[0, 0, t, i + hs // 2]
+            want[0, 0, t, i] = a * math.cos(ang) - b * math.sin(ang)
+            want[0, 0, t, i + hs // 2] = b * math.cos(ang) + a * math.sin(ang)
+    assert torch.allclose(got, want, atol=1e-5)
+    # rotation preserves norms, and relative position is all that matters for q.k
+    assert torch.allclose(got.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    gqa = make(n_head=4, n_kv_head=2)
+    mha = make(n_head=4, n_kv_head=4)
+    sd = gqa.state_dict()
+    hs = gqa.cfg.d_model // 4
+    for k, v in list(sd.items()):
+        if k.endswith("attn.wk.weight") or k.endswith("attn.wv.weight"):
+            heads = v.view(2, hs, -1)
+            sd[k] = heads.repeat_interleave(2, dim=0).reshape(4 * hs, -1)
+    mha.load_state_dict(sd)
+    idx = torch.randint(0, 97, (2, 12))
+    assert torch.allclose(gqa(idx)[0], mha(idx)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_kv_cache_matches_full_forward(arch):
+    m = make(arch)
+    idx = torch.randint(0, 97, (2, 24))
+    full, _ = m(idx)
+    cache = KVCache.allocate(m.cfg, batch=2, max_len=64)
+    with torch.no_grad():
+        pre, _ = m(idx[:, :10], cache=cache, pos=0)  # prefill
+        chunk, _ = m(idx[:, 10:14], cache=cache, pos=10)  # several new tokens at once
+        steps = [m(idx[:, t:t + 1], cache=cache, pos=t)[0] for t in range(14, 24)]  # one at a time
+    inc = torch.cat([pre, chunk, *steps], dim=1)
+    assert torch.allclose(inc, full, atol=1e-5)
+
+
+def test_init_scales_residual_projections_and_ties():
+    m = make(n_layer=2)
+    assert m.lm_head.weight is m.tok_emb.weight
+    std = m.blocks[0].attn.wo.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(4)) < 0.003
+    untied = make(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def test_presets_param_counts():
+    def count(preset, vocab):
+        cfg = dataclasses.replace(build_config({"model": {"preset": preset}}).model, vocab_size=vocab)
+        with torch.device("meta"):
+            return Transformer(cfg).num_params()
+
+    assert 0.5e6 < count("tiny", 4096) < 1.5e6
+    assert 8e6 < count("small", 4096) < 14e6
+    assert 120e6 < count("gpt2-124m", 50257) < 128e6
+    assert 95e6 < count("llama-110m", 32000) < 125e6
+
+
+def test_ffn_hidden():
+    cfg = build_config({"model": {"preset": "small"}}).model
+    assert ffn_hidden(cfg) == 1024
+    assert ffn_hidden(dataclasses.replace(cfg, arch="gpt2")) == 4 * 384
