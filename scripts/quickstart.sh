@@ -3,3 +3,4 @@
 # Each step is a plain llmgen command; run them one by one to see what each does.
 set -euo pipefail
 llmgen prepare
+llmgen pretrain --overwrite

@@ -101,9 +101,17 @@ def pretrain(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a run_dir holding another run.")] = False,
 ) -> None:
     """Pretrain a decoder-only Transformer from scratch on prepared token shards."""
-    if _load(config, set_, print_config) is None:
+    cfg = _load(config, set_, print_config)
+    if cfg is None:
         return
-    _not_yet("pretrain", "model/pretrain issue")
+    from llmgen import ui
+    from llmgen.train.pretrain import pretrain as run_pretrain
+
+    res = run_pretrain(cfg, resume=resume, overwrite=overwrite)
+    if res.interrupted:
+        return
+    best = f", best val loss {res.best_val_loss:.4f}" if res.best_val_loss is not None else ""
+    ui.info(f"done: {res.step} steps{best}; model in {res.final_dir} (metrics.jsonl and loss.png in {res.run_dir})")
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""The one training loop (pretrain and finetune) and its helpers."""

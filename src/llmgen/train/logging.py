@@ -1,0 +1,66 @@
+"""What a run leaves behind for people: metrics.jsonl, loss.png and (if installed) TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, resume_step: Optional[int] = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.is_file():
+            # keep history up to the checkpoint we resume from; later lines are replayed by the run
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= resume_step:
+                    self.records.append(rec)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except Exception:  # tensorboard not installed: optional
+            self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def plot(self) -> None:
+        """Write loss.png: train loss per logged step and val loss per eval."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if train:
+            ax.plot(*zip(*train), label="train", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="val", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(self.run_dir.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.run_dir / ".loss.png.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        tmp.replace(self.run_dir / "loss.png")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
