@@ -196,3 +196,19 @@ def test_ctrl_c_saves_and_exits_0(prepared, tmp_path):
     assert proc.returncode == 0, err
     assert "--resume" in err
     assert list_checkpoints(run)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run(prepared, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llmgen",
+           "pretrain", *[a for o in overrides(prepared, run, "train.max_steps=6", "train.eval_every=3")
+                         for a in ("--set", o)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 process(es)" in proc.stderr and "2 ranks in sync" in proc.stderr
+    assert proc.stderr.count("done: 6 steps") == 1  # only rank 0 reports
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # one writer
+    assert [s for s, _ in list_checkpoints(run)] == [3, 6]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Iterator, Optional
 
@@ -35,9 +36,9 @@ class Bar:
 
 
 @contextlib.contextmanager
-def progress(description: str, total: Optional[float], unit: str = "bytes") -> Iterator[Bar]:
+def progress(description: str, total: Optional[float], unit: str = "bytes", enabled: bool = True) -> Iterator[Bar]:
     """A live bar with rate and ETA. `unit="bytes"` shows MB and MB/s; otherwise counts and it/s."""
-    if not console.is_terminal:
+    if not enabled or not console.is_terminal:
         yield Bar(None, None)
         return
     if unit == "bytes":
@@ -52,7 +53,9 @@ def progress(description: str, total: Optional[float], unit: str = "bytes") -> I
 
 
 def info(message: str) -> None:
-    """A status line for the user (stderr, so stdout stays machine-readable)."""
+    """A status line for the user (stderr, so stdout stays machine-readable); rank 0 only."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     console.print(message, highlight=False, markup=False)
 
 

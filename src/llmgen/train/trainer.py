@@ -118,7 +118,8 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
     if has_run and not resume and not overwrite:
         raise LlmgenError(f"run_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                           f"start over, or set run_dir to a new folder")
-    acc = Accelerator(mixed_precision=mixed_precision_mode(t.mixed_precision),
+    # cpu=True on a CPU-only machine makes accelerate run torchrun/accelerate-launch processes as gloo DDP
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision_mode(t.mixed_precision),
                       gradient_accumulation_steps=t.grad_accum_steps)
     main = acc.is_main_process
     if has_run and overwrite and not resume and main:
@@ -216,7 +217,7 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
     interrupted = stopped_early = False
     t_last, tokens_since = time.perf_counter(), 0
     try:
-        with ui.progress(kind, t.max_steps, unit="steps") as bar:
+        with ui.progress(kind, t.max_steps, unit="steps", enabled=main) as bar:
             bar.advance(start_step)
             while step < t.max_steps:
                 lr = lr_at(step, t)
@@ -304,6 +305,13 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
                     f"`llmgen {kind} --resume` (same --config/--set)")
         return TrainResult(run_dir, None, step, best_val if best_val < math.inf else None, interrupted=True,
                            skipped_steps=skipped)
+    if acc.num_processes > 1:  # DDP invariant: every rank holds the same weights
+        checksum = torch.stack([p.detach().float().sum() for p in raw.parameters()]).sum().reshape(1)
+        sums = acc.gather(checksum.to(acc.device))
+        if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-6):
+            raise RuntimeError(f"ranks diverged: weight checksums {sums.tolist()}")
+        if main:
+            ui.info(f"{acc.num_processes} ranks in sync (weight checksum {sums[0].item():.6f})")
     chosen = best_dir.get("path") if t.keep == "best" and "path" in best_dir else list_checkpoints(run_dir)[-1][1]
     final = run_dir / "final"
     if main:
