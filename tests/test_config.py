@@ -136,3 +136,16 @@ def test_cli_version_and_help(cli):
     for command in ("prepare", "pretrain", "finetune", "eval", "evaluate", "generate", "chat", "import", "export"):
         code, out, err = cli(command, "--help")
         assert code == 0 and "Usage" in out, (command, err)
+
+
+def test_python_dash_m_and_console_script(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "llmgen", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("llmgen ")
+    exe = shutil.which("llmgen", path=str(Path(sys.executable).parent))
+    assert exe, "the llmgen console script is not installed next to this Python"
+    bad = subprocess.run([exe, "prepare", "--set", "train.max_stesp=1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "did you mean 'max_steps'" in bad.stderr

@@ -55,7 +55,7 @@ class TokenizerConfig:
 # Named model shapes; explicit model.* keys override the preset's values.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=128, max_seq_len=256),
-    "quickstart": dict(arch="llama", n_layer=4, n_head=4, n_kv_head=4, d_model=192, max_seq_len=256),
+    "quickstart": dict(arch="llama", n_layer=4, n_head=4, n_kv_head=4, d_model=128, max_seq_len=256),
     "small": dict(arch="llama", n_layer=6, n_head=6, n_kv_head=6, d_model=384, max_seq_len=512),
     "gpt2-124m": dict(arch="gpt2", n_layer=12, n_head=12, n_kv_head=12, d_model=768, max_seq_len=1024,
                       tie_embeddings=True),
@@ -70,7 +70,7 @@ class ModelConfig:
     n_layer: int = field(default=4, metadata=_rng(1))
     n_head: int = field(default=4, metadata=_rng(1))
     n_kv_head: Optional[int] = field(default=None, metadata=_rng(1))  # null = n_head (no GQA)
-    d_model: int = field(default=192, metadata=_rng(1))
+    d_model: int = field(default=128, metadata=_rng(1))
     d_ff: Optional[int] = field(default=None, metadata=_rng(1))  # null = arch default
     max_seq_len: int = field(default=256, metadata=_rng(1))
     vocab_size: Optional[int] = field(default=None, metadata=_rng(1))  # null = from the tokenizer
@@ -82,7 +82,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = field(default=600, metadata=_rng(1))
+    max_steps: int = field(default=400, metadata=_rng(1))
     batch_size: int = field(default=16, metadata=_rng(1))
     grad_accum_steps: int = field(default=1, metadata=_rng(1))
     seq_len: int = field(default=128, metadata=_rng(1))

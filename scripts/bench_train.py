@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Benchmark llmgen's training step against a plain PyTorch loop over transformers' Llama.
+
+Both sides train a Llama-shaped model of the same size (our `model.preset`, exported as a
+`LlamaForCausalLM` config: same layers, heads, KV heads, MLP width, vocabulary, tied
+embeddings), with AdamW, the same batch size, sequence length and token windows, in fp32, in
+one process, alternating rounds. Ours is the real trainer (`llmgen.train.trainer.train`) with
+evaluation and checkpoints out of the way; tokens/s is read from its metrics.
+
+    python scripts/bench_train.py --presets tiny,small --steps 20 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmgen.config import build_config
+from llmgen.model.transformer import Transformer, ffn_hidden
+from llmgen.train.trainer import WindowSampler, _matmul_peak_flops, train
+
+
+def hf_model(mcfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hc = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=ffn_hidden(mcfg),
+                     num_hidden_layers=mcfg.n_layer, num_attention_heads=mcfg.n_head,
+                     num_key_value_heads=mcfg.n_kv_head or mcfg.n_head, max_position_embeddings=mcfg.max_seq_len,
+                     rope_theta=mcfg.rope_theta, rms_norm_eps=mcfg.norm_eps, tie_word_embeddings=mcfg.tie_embeddings,
+                     attention_bias=False, mlp_bias=False)
+    hc._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(hc)
+
+
+def run_hf(model, sampler, steps, lr):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+    rates = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        x, y = sampler(step, 0, 0)
+        out = model(input_ids=x, labels=None)
+        loss = torch.nn.functional.cross_entropy(out.logits.view(-1, out.logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(x.numel() / (time.perf_counter() - t0))
+    return statistics.median(rates[1:])
+
+
+def run_ours(preset, vocab, tokens_dir, steps, batch, seq_len, lr, work):
+    cfg = build_config({"model": {"preset": preset, "vocab_size": vocab, "max_seq_len": max(seq_len, 64)},
+                        "run_dir": str(work), "train": {"max_steps": steps, "batch_size": batch, "seq_len": seq_len,
+                                                        "lr": lr, "min_lr": lr / 10, "warmup_steps": 2,
+                                                        "log_every": 1, "eval_every": 10 ** 9,
+                                                        "save_every": 10 ** 9}})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    tokens = np.fromfile(tokens_dir, dtype=np.uint16)
+    sampler = WindowSampler(tokens, batch, seq_len, 0)
+    train(cfg, model, sampler, {}, Path(work), None, overwrite=True)
+    recs = [json.loads(x) for x in (Path(work) / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in recs[1:]), model.num_params(), model.flops_per_token(seq_len)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="bench_out/train.json")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak = _matmul_peak_flops(torch.device("cpu"))
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    rng = np.random.default_rng(0)
+    # Zipf-like token stream: realistic enough for throughput, identical for both sides
+    data = (rng.zipf(1.2, size=2_000_000) % args.vocab_size).astype(np.uint16)
+    data_file = work / "tokens.bin"
+    data.tofile(data_file)
+    rows = []
+    for preset in args.presets.split(","):
+        ours_r, hf_r = [], []
+        n_params = fpt = None
+        for _ in range(args.rounds):
+            r, n_params, fpt = run_ours(preset, args.vocab_size, data_file, args.steps, args.batch_size,
+                                        args.seq_len, 1e-3, work / f"run_{preset}")
+            ours_r.append(r)
+            mcfg = build_config({"model": {"preset": preset, "vocab_size": args.vocab_size,
+                                           "max_seq_len": max(args.seq_len, 64)}}).model
+            sampler = WindowSampler(data, args.batch_size, args.seq_len, 0)
+            hf_r.append(run_hf(hf_model(mcfg), sampler, args.steps, 1e-3))
+        ours, hf = statistics.median(ours_r), statistics.median(hf_r)
+        row = dict(preset=preset, params_m=round(n_params / 1e6, 2), ours_tok_s=round(ours), hf_tok_s=round(hf),
+                   ratio=round(ours / hf, 2), ours_mfu=round(ours * fpt / peak, 3), hf_mfu=round(hf * fpt / peak, 3),
+                   rounds_ours=[round(x) for x in ours_r], rounds_hf=[round(x) for x in hf_r])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                  matmul_peak_gflops=round(peak / 1e9, 1), batch=args.batch_size, seq_len=args.seq_len,
+                  steps=args.steps, rounds=args.rounds, peak_rss_mb=round(rss), rows=rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nmatmul peak {peak / 1e9:.0f} GFLOP/s; batch {args.batch_size} x {args.seq_len}; peak RSS {rss:.0f} MB")
+    print("| preset | params | llmgen tok/s | HF Llama loop tok/s | ratio | MFU llmgen | MFU HF |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['params_m']}M | {r['ours_tok_s']} | {r['hf_tok_s']} | {r['ratio']}x | "
+              f"{r['ours_mfu']:.1%} | {r['hf_mfu']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
