@@ -149,3 +149,23 @@ def test_python_dash_m_and_console_script(tmp_path):
     assert exe, "the llmgen console script is not installed next to this Python"
     bad = subprocess.run([exe, "prepare", "--set", "train.max_stesp=1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "did you mean 'max_steps'" in bad.stderr
+
+
+def test_cli_bug_exits_1_with_traceback_behind_debug(cli, monkeypatch):
+    import llmgen.data.prepare as prep
+
+    def boom(cfg, force=False):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(prep, "prepare", boom)
+    code, out, err = cli("prepare")
+    assert code == 1 and "internal error: RuntimeError: simulated bug" in err and "--debug" in err
+    assert "Traceback" not in err
+    code, out, err = cli("--debug", "prepare")
+    assert code == 1 and "Traceback (most recent call last)" in err
+
+
+def test_not_yet_commands_exit_2(cli):
+    for args in (["finetune"], ["eval"], ["generate", "Once upon a time"], ["chat"]):
+        code, out, err = cli(*args)
+        assert code == 2 and "not available yet" in err, (args, err)
