@@ -54,7 +54,7 @@ class RunLog:
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(self.run_dir.name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper right")
         fig.tight_layout()
         tmp = self.run_dir / ".loss.png.tmp.png"
         fig.savefig(tmp)
