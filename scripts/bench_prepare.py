@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import report
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -111,16 +112,11 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(work / f"out{mb}", ignore_errors=True)
-    result = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                  bpe_train_s_on_smallest=round(t_train, 1), vocab_size=args.vocab_size, rows=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| corpus MB | llmgen prepare MB/s | peak RSS MB | tokenizers loop MB/s | loop RSS MB | ratio |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['size_mb']} | {r['ours_mb_s']} | {r['ours_rss_mb']} | {r['anchor_mb_s']} (on {r['anchor_mb']} MB) "
-              f"| {r['anchor_rss_mb']} | {r['ratio']}x |")
-
+    print()
+    report(args.out, dict(bpe_train_s_on_smallest=round(t_train, 1), vocab_size=args.vocab_size, rows=rows),
+           ["corpus MB", "llmgen prepare MB/s", "peak RSS MB", "tokenizers loop MB/s", "loop RSS MB", "ratio"],
+           [[r["size_mb"], r["ours_mb_s"], r["ours_rss_mb"], f"{r['anchor_mb_s']} (on {r['anchor_mb']} MB)",
+             r["anchor_rss_mb"], f"{r['ratio']}x"] for r in rows])
 
 if __name__ == "__main__":
     main()

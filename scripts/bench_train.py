@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchlib import report
 from llmgen.config import build_config
 from llmgen.model.transformer import Transformer, ffn_hidden
 from llmgen.train.trainer import WindowSampler, _matmul_peak_flops, train
@@ -112,18 +112,12 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                  matmul_peak_gflops=round(peak / 1e9, 1), batch=args.batch_size, seq_len=args.seq_len,
-                  steps=args.steps, rounds=args.rounds, peak_rss_mb=round(rss), rows=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nmatmul peak {peak / 1e9:.0f} GFLOP/s; batch {args.batch_size} x {args.seq_len}; peak RSS {rss:.0f} MB")
-    print("| preset | params | llmgen tok/s | HF Llama loop tok/s | ratio | MFU llmgen | MFU HF |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['preset']} | {r['params_m']}M | {r['ours_tok_s']} | {r['hf_tok_s']} | {r['ratio']}x | "
-              f"{r['ours_mfu']:.1%} | {r['hf_mfu']:.1%} |")
-
+    report(args.out, dict(matmul_peak_gflops=round(peak / 1e9, 1), batch=args.batch_size, seq_len=args.seq_len,
+                          steps=args.steps, rounds=args.rounds, peak_rss_mb=round(rss), rows=rows),
+           ["preset", "params", "llmgen tok/s", "HF Llama loop tok/s", "ratio", "MFU llmgen", "MFU HF"],
+           [[r["preset"], f"{r['params_m']}M", r["ours_tok_s"], r["hf_tok_s"], f"{r['ratio']}x",
+             f"{r['ours_mfu']:.1%}", f"{r['hf_mfu']:.1%}"] for r in rows])
 
 if __name__ == "__main__":
     main()
