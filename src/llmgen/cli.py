@@ -33,6 +33,8 @@ ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="Experiment YAML file (see configs/). Omitted: the embedded quickstart defaults.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override one key, e.g. --set train.max_steps=100 (repeatable; values are YAML).")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Run or checkpoint directory, HF model folder, hf:<id> or .gguf (default: the newest run).")]
 PrintOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.")]
 
 
@@ -146,27 +148,125 @@ app.command("eval")(_eval)
 app.command("evaluate", help="Alias of `llmgen eval`.")(_eval)
 
 
+def _gen_params(cfg: Config, **flags):
+    from llmgen.generate.engine import merged_params
+
+    return merged_params(cfg.generate, **flags)
+
+
 @app.command()
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="Prompt text.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="Prompt text (omit with --input-file).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     print_config: PrintOpt = False,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Run or checkpoint directory.")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="0 = greedy.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="CTRL penalty (>1 discourages repeats).")] = None,
+    presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty")] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option("--no-repeat-ngram-size")] = None,
+    num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam search width (1 = off).")] = None,
+    length_penalty: Annotated[Optional[float], typer.Option("--length-penalty")] = None,
+    num_return_sequences: Annotated[Optional[int], typer.Option("--num-return-sequences")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come.")] = None,
+    truncate_prompt: Annotated[Optional[bool], typer.Option("--truncate-prompt", help="Keep the end of over-long prompts.")] = None,
+    raw: Annotated[Optional[bool], typer.Option("--raw", help="Do not apply the finetuned prompt template.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (instruction-tuned models).")] = None,
+    input_file: Annotated[Optional[Path], typer.Option("--input-file", help="Prompts: .jsonl ({prompt}) or .txt.")] = None,
+    output_file: Annotated[Optional[Path], typer.Option("--output-file", help="Results .jsonl (resumable).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per batch with --input-file.")] = 8,
+    json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """Generate text from a prompt with a trained model."""
-    if _load(config, set_, print_config) is None:
+    """Generate text from a prompt (or a file of prompts) with a trained model."""
+    cfg = _load(config, set_, print_config)
+    if cfg is None:
         return
-    _not_yet("generate", "generate issue")
+    import json
+
+    from llmgen import ui
+    from llmgen.generate.engine import Engine
+    from llmgen.generate.files import generate_file
+
+    p = _gen_params(cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                    num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                    seed=seed, stop=stop or None, stream=stream, truncate_prompt=truncate_prompt, raw=raw)
+    if (input_file is None) == (prompt is None):
+        raise LlmgenError("give either a PROMPT or --input-file FILE (with --output-file), not both or neither")
+    if input_file is not None and output_file is None:
+        raise LlmgenError("--input-file needs --output-file OUT.jsonl for the results")
+    engine = Engine.load(model, cfg.run_dir)
+    ui.info(f"model: {engine.source} ({engine.model.num_params() / 1e6:.1f}M parameters, {engine.device})")
+    if input_file is not None:
+        new, old = generate_file(engine, input_file, output_file, p, batch_size, system)
+        ui.info(f"wrote {new} results to {output_file}" + (f" ({old} were already there)" if old else ""))
+        return
+    if p.stream and not json_out and p.num_beams == 1 and p.num_return_sequences == 1:
+        typer.echo(prompt, nl=False)
+        for piece in engine.stream(prompt, p, system):
+            typer.echo(piece, nl=False)
+        typer.echo()
+        comps = [engine.last]
+    else:
+        comps = engine.generate([prompt], p, system)[0]
+        if not json_out:
+            for i, c in enumerate(comps):
+                if len(comps) > 1:
+                    typer.echo(f"--- {i + 1}/{len(comps)}" + (f" (score {c.score:.3f})" if c.score is not None else ""))
+                typer.echo(prompt + c.text)
+    st = engine.stats
+    if json_out:
+        typer.echo(json.dumps({"model": str(engine.source), "prompt": prompt, "prompt_tokens": st.prompt_tokens,
+                               "completions": [{"text": c.text, "finish_reason": c.finish_reason, "new_tokens": len(c.tokens),
+                                                **({"score": c.score} if c.score is not None else {})} for c in comps],
+                               "seconds": round(st.prefill_s + st.decode_s, 4), "tokens_per_s": round(st.tokens_per_s, 1)},
+                              ensure_ascii=False))
+    else:
+        ui.info(f"{st.new_tokens} tokens in {st.prefill_s + st.decode_s:.2f}s ({st.tokens_per_s:.1f} tokens/s)")
 
 
 @app.command()
 def chat(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Run or checkpoint directory.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt (persona).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
 ) -> None:
-    """Multi-turn chat with a model that has a chat template."""
-    _not_yet("chat", "generate issue")
+    """Multi-turn chat with a model that has a chat template (/reset, /save FILE, /exit)."""
+    cfg = _load(config, set_, False)
+    from llmgen.generate.chat import ChatSession, repl
+    from llmgen.generate.engine import Engine
+
+    p = _gen_params(cfg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    session = ChatSession(Engine.load(model, cfg.run_dir), p, system)
+
+    def read(prompt: str) -> str:
+        return input(prompt) if sys.stdin.isatty() else _read_line(prompt)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    repl(session, read, write)
+
+
+def _read_line(prompt: str) -> str:
+    sys.stdout.write(prompt)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
 
 
 @app.command("import")

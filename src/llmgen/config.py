@@ -78,6 +78,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = field(default=10000.0, metadata=_rng(gt=0))
     norm_eps: float = field(default=1e-5, metadata=_rng(gt=0))
+    qkv_bias: bool = False  # biases on the q/k/v projections of llama-style models (Qwen2)
+    rope_scaling_factor: float = field(default=1.0, metadata=_rng(gt=0))  # linear RoPE position scaling
 
 
 @dataclass
@@ -127,14 +129,28 @@ class DatasetSpec:
 @dataclass
 class FinetuneConfig:
     base: Optional[str] = None  # null = the newest pretrained run under run_dir
+    run_dir: Optional[str] = None  # where the finetune run goes; null = <run_dir>/finetune
     method: Literal["full", "lora", "freeze"] = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
-    freeze_layers: Optional[int] = field(default=None, metadata=_rng(0))
+    freeze_layers: Optional[int] = field(default=None, metadata=_rng(0))  # freeze the bottom N blocks
+    trainable_layers: Optional[int] = field(default=None, metadata=_rng(0))  # or: train only the top N blocks
+    trainable_parts: list[str] = field(default_factory=list)  # also train these (norm, lm_head, tok_emb)
     layer_lr_decay: float = field(default=1.0, metadata=_rng(gt=0, hi=1.0))
     datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
     template: Optional[Literal["alpaca", "chatml", "plain"]] = None
     train_on_prompt: bool = False
     packing: bool = True
+    val_fraction: float = field(default=0.05, metadata=_rng(0.0, 0.5))
+    max_examples: Optional[int] = field(default=None, metadata=_rng(1))  # per dataset
+    # Finetuning defaults differ from pretraining; null = derive from train.* (lr: a fraction of it)
+    lr: Optional[float] = field(default=None, metadata=_rng(gt=0))
+    max_steps: int = field(default=150, metadata=_rng(1))
+    warmup_steps: int = field(default=15, metadata=_rng(0))
+    batch_size: Optional[int] = field(default=None, metadata=_rng(1))
+    seq_len: Optional[int] = field(default=None, metadata=_rng(1))
+    eval_every: int = field(default=50, metadata=_rng(1))
+    dropout: Optional[float] = field(default=None, metadata=_rng(0.0, 1.0))
+    merge: bool = False  # LoRA: also write a merged full checkpoint to <finetune run>/merged
 
 
 @dataclass
@@ -145,11 +161,18 @@ class GenerateConfig:
     top_p: float = field(default=1.0, metadata=_rng(gt=0.0, hi=1.0))
     min_p: float = field(default=0.0, metadata=_rng(0.0, 1.0))
     repetition_penalty: float = field(default=1.0, metadata=_rng(gt=0))
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = field(default=0, metadata=_rng(0))
     num_beams: int = field(default=1, metadata=_rng(1))
+    length_penalty: float = 1.0
+    early_stopping: bool = True
     num_return_sequences: int = field(default=1, metadata=_rng(1))
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     stream: bool = True
+    truncate_prompt: bool = False  # left-truncate prompts longer than the context instead of refusing
+    raw: bool = False  # do not wrap prompts in the finetuned model's prompt template
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -69,12 +70,31 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of plain text; special-token strings inside it are treated as text."""
+    def encode(self, text: str, specials: bool = False) -> list[int]:
+        """Token ids of text. Special-token strings inside it are plain text unless `specials` is
+        set (templated prompts such as ChatML), in which case they become their control tokens."""
+        if specials:
+            ids: list[int] = []
+            for i, part in enumerate(self._special_re().split(text)):
+                if i % 2:
+                    ids.append(self.tok.token_to_id(part))
+                elif part:
+                    ids.extend(self.encode(part))
+            return ids
         if self.kind == "bytes":
             return list(text.encode("utf-8"))
         with self._specials_as_text():
             return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _special_re(self) -> "re.Pattern":
+        if getattr(self, "_specials_pattern", None) is None:
+            names = sorted((t.content for t in self.tok.get_added_tokens_decoder().values() if t.special),
+                           key=len, reverse=True)
+            self._specials_pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")" if names else "(?!)")
+        return self._specials_pattern
+
+    def token_id(self, token: str) -> Optional[int]:
+        return self.tok.token_to_id(token)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Encode many texts at once (in parallel, on all cores, for BPE)."""

@@ -47,10 +47,11 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).type_as(x)
 
 
-def rope_tables(head_size: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_len, hs) for rotary embeddings in the rotate-half layout (HF Llama's)."""
+def rope_tables(head_size: int, max_len: int, theta: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, hs) for rotary embeddings in the rotate-half layout (HF Llama's);
+    `scale` > 1 is linear position interpolation."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (L, hs/2)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32) / scale, inv_freq)  # (L, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, hs)
     return angles.cos(), angles.sin()
 
@@ -85,9 +86,10 @@ class Attention(nn.Module):
         self.n_kv = cfg.n_kv_head or cfg.n_head
         self.hs = cfg.d_model // cfg.n_head
         bias = cfg.arch == "gpt2"
-        self.wq = nn.Linear(cfg.d_model, self.n_head * self.hs, bias=bias)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hs, bias=bias)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hs, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, self.n_head * self.hs, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hs, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hs, bias=qkv_bias)
         self.wo = nn.Linear(self.n_head * self.hs, cfg.d_model, bias=bias)
         self.use_rope = cfg.arch == "llama"
         self.dropout = cfg.dropout
@@ -181,7 +183,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.arch == "llama":
-            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling_factor)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -212,18 +214,25 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, pos: int = 0,
-                attn_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, V), and the mean loss when
-        targets (B, T) are given (positions with target -100 are ignored)."""
+                attn_mask: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """idx (B, T) token ids written at cache slots pos..pos+T-1 -> logits (B, T, V), and the mean
+        loss when targets (B, T) are given (positions with target -100 are ignored).
+
+        By default token t sits at position pos+t. `positions` (B, T) overrides that per row (left-padded
+        batches, packed examples that restart at 0); `attn_mask` (B, 1, T, S) bool, True = may attend,
+        then replaces causal masking."""
         B, T = idx.shape
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
-        else:
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device) if positions is None else positions)
+        elif positions is None:
             rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])  # (T, hs) each
+        else:
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B, 1, T, hs)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache, pos, attn_mask)

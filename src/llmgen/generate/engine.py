@@ -1,0 +1,382 @@
+"""The decoding engine: prefill the prompts, then decode token by token from a preallocated KV cache.
+
+    engine = Engine.load("runs/quickstart")            # or Engine(model, tokenizer)
+    [[c]] = engine.generate(["Once upon a time"], GenerateConfig(max_new_tokens=50))
+    for piece in engine.stream("Once upon a time", params): print(piece, end="")
+
+Prompts of different lengths share one batch: they are left-padded, every row gets its own
+positions, and an attention mask hides the padding. Sampling is a chain of the pure logits
+processors in `sampling.py`. Generation ends per row on EOS, on a stop token, on a stop string
+(matched on the decoded text, across token boundaries, and trimmed from the output), or at
+`max_new_tokens`. Beam search keeps `num_beams` rows in the cache and reorders it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+
+from llmgen.config import GenerateConfig
+from llmgen.data.instruct import Messages, PromptFormat
+from llmgen.errors import LlmgenError
+from llmgen.generate import sampling as S
+from llmgen.model.transformer import KVCache, Transformer
+
+Prompt = Union[str, Messages]
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # eos | stop | length
+    prompt_tokens: int
+    score: Optional[float] = None  # beam search: length-normalised log-probability
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+def check_params(p: GenerateConfig) -> None:
+    """Reject parameter combinations that cannot mean anything (ranges are checked by the config)."""
+    if p.num_return_sequences > 1 and p.num_beams > 1 and p.num_return_sequences > p.num_beams:
+        raise LlmgenError(f"num_return_sequences = {p.num_return_sequences} exceeds num_beams = {p.num_beams}; "
+                          f"beam search can return at most num_beams sequences")
+    if p.num_beams > 1 and p.temperature > 0 and (p.top_k or p.top_p < 1.0 or p.min_p > 0):
+        raise LlmgenError("beam search is deterministic: top_k/top_p/min_p sampling cannot be combined with "
+                          "num_beams > 1; set --temperature 0 or --num-beams 1")
+    if p.num_return_sequences > 1 and p.num_beams == 1 and p.temperature == 0:
+        raise LlmgenError("num_return_sequences > 1 with greedy decoding returns the same text every time; "
+                          "set --temperature > 0 or use --num-beams")
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, fmt: Optional[PromptFormat] = None,
+                 device: Optional[Union[str, torch.device]] = None, source: str = ""):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.model = model.to(self.device, dtype=dtype).eval()
+        self.dtype = dtype
+        self.tok = tokenizer
+        self.fmt = fmt
+        self.source = source
+        self.cfg = model.cfg
+        self.stats = GenerationStats()
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, run_dir: str = "runs/quickstart", device=None) -> "Engine":
+        from llmgen.model.checkpoint import load_model
+
+        lm = load_model(path, run_dir)
+        return cls(lm.model, lm.tokenizer, lm.prompt_format, device, str(lm.folder))
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompt_ids(self, prompt: Prompt, p: GenerateConfig, system: Optional[str] = None) -> list[int]:
+        """Token ids for a prompt: plain text, or messages rendered with the model's prompt format."""
+        if isinstance(prompt, list):
+            fmt = self.fmt or PromptFormat.choose(self.tok, None)
+            msgs = ([{"role": "system", "content": system}] if system else []) + prompt
+            ids = self.tok.encode(fmt.prompt(self.tok, msgs), specials=True)
+        elif self.fmt is not None and not p.raw:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = self.tok.encode(self.fmt.prompt(self.tok, msgs), specials=True)
+        else:
+            ids = self.tok.encode(prompt)
+        if not ids:
+            ids = [self.tok.eot_id]  # an empty prompt starts a new document
+        ctx = self.cfg.max_seq_len
+        if len(ids) >= ctx:
+            if not p.truncate_prompt:
+                raise LlmgenError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten it or "
+                                  f"pass --truncate-prompt to keep its last tokens")
+            ids = ids[-max(1, ctx - min(p.max_new_tokens, ctx // 2)):]
+        elif p.truncate_prompt and len(ids) + p.max_new_tokens > ctx:
+            ids = ids[-max(1, ctx - p.max_new_tokens):]
+        return ids
+
+    def _stops(self, p: GenerateConfig) -> tuple[set[int], list[str]]:
+        """Stop token ids (EOS, special tokens named as stops) and text-level stop strings."""
+        strings = list(p.stop)
+        if self.fmt is not None and not p.raw:
+            strings += self.fmt.stops(self.tok)
+        ids = {self.tok.eot_id}
+        text = []
+        for s in strings:
+            tid = self.tok.token_id(s)
+            special = tid is not None and s in {t.content for t in self.tok.tok.get_added_tokens_decoder().values()}
+            if special:
+                ids.add(tid)
+            elif s:
+                text.append(s)
+        return ids, text
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts: list[Prompt], p: GenerateConfig, system: Optional[str] = None
+                 ) -> list[list[Completion]]:
+        """Completions for every prompt (num_return_sequences each), batched."""
+        check_params(p)
+        rows = [self.prompt_ids(x, p, system) for x in prompts]
+        self.stats = GenerationStats(prompt_tokens=sum(map(len, rows)))
+        gen = torch.Generator(device=self.device)
+        if p.seed is not None:
+            gen.manual_seed(p.seed)
+        else:
+            gen.seed()
+        if p.num_beams > 1:
+            return [self._beam_search(r, p) for r in rows]
+        n = p.num_return_sequences
+        expanded = [r for r in rows for _ in range(n)]
+        outs = self._decode_batch(expanded, p, gen)
+        return [outs[i * n:(i + 1) * n] for i in range(len(rows))]
+
+    def stream(self, prompt: Prompt, p: GenerateConfig, system: Optional[str] = None) -> Iterator[str]:
+        """Text pieces as they are produced (one prompt, sampling or greedy); the completion that
+        `generate` would return for the same seed is left in `self.last`."""
+        check_params(p)
+        if p.num_beams > 1 or p.num_return_sequences > 1:
+            raise LlmgenError("streaming prints one sequence; use --no-stream with num_beams or num_return_sequences")
+        ids = self.prompt_ids(prompt, p, system)
+        self.stats = GenerationStats(prompt_tokens=len(ids))
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(p.seed) if p.seed is not None else gen.seed()
+        stop_ids, stop_text = self._stops(p)
+        hold = max((len(s) for s in stop_text), default=1) - 1
+        dec = IncrementalDecoder(self.tok)
+        text, emitted = "", 0
+        for tokens in self._steps([ids], p, gen):
+            t = tokens[0]
+            if t in stop_ids:
+                break
+            text += dec.push(t)
+            cut = _first_stop(text, stop_text)
+            if cut >= 0:
+                text = text[:cut]
+                break
+            safe = len(text) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        self.last = self._finish(ids, self._last_rows[0], p, stop_ids, stop_text)
+        final = self.last.text
+        if len(final) > emitted:
+            yield final[emitted:]
+
+    # ------------------------------------------------------------------ decoding
+
+    def _forward(self, idx, cache, pos, mask=None, positions=None) -> torch.Tensor:
+        logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions)
+        return logits[:, -1].float()  # (B, V)
+
+    @torch.inference_mode()
+    def _steps(self, rows: list[list[int]], p: GenerateConfig, gen: torch.Generator) -> Iterator[list[int]]:
+        """Yield the next token of every row, step by step; `self._last_rows` holds the new tokens so far.
+        The caller decides when to stop (it simply stops iterating)."""
+        B, L = len(rows), max(map(len, rows))
+        max_new = min(p.max_new_tokens, self.cfg.max_seq_len - L)
+        dev = self.device
+        cache = KVCache.allocate(self.cfg, B, L + max_new, dev, self.dtype)
+        pads = [L - len(r) for r in rows]
+        idx = torch.tensor([[self.tok.pad_id or 0] * pad + r for pad, r in zip(pads, rows)], device=dev)
+        ragged = any(pads)
+        mask = positions = valid = None
+        if ragged:
+            pad_t = torch.tensor(pads, device=dev)
+            slots = torch.arange(L + max_new, device=dev)
+            valid = slots[None, :] >= pad_t[:, None]  # (B, S): slot holds a real token
+            positions = (torch.arange(L, device=dev)[None, :] - pad_t[:, None]).clamp(min=0)  # (B, L)
+            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+            mask = (causal[None] & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
+            mask = mask[:, None]  # (B, 1, L, L)
+        t0 = time.perf_counter()
+        logits = self._forward(idx, cache, 0, mask, positions)
+        self.stats.prefill_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        greedy = p.temperature == 0.0
+        penalties = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        counts = None
+        if penalties:
+            counts = torch.zeros(B, self.cfg.vocab_size, device=dev, dtype=torch.int32)
+            for i, r in enumerate(rows):
+                counts[i].index_add_(0, torch.tensor(r, device=dev), torch.ones(len(r), device=dev, dtype=torch.int32))
+        self._last_rows = [[] for _ in range(B)]
+        for step in range(max_new):
+            if penalties:
+                logits = S.repetition_penalty(logits, counts > 0, p.repetition_penalty)
+                logits = S.presence_frequency_penalty(logits, counts, p.presence_penalty, p.frequency_penalty)
+            if p.no_repeat_ngram_size:
+                logits = S.no_repeat_ngram(logits, [r + g for r, g in zip(rows, self._last_rows)], p.no_repeat_ngram_size)
+            if not greedy:
+                logits = S.min_p(S.top_p(S.top_k(S.temperature(logits, p.temperature), p.top_k), p.top_p), p.min_p)
+            nxt = S.pick(logits, greedy, gen)  # (B,)
+            if counts is not None:
+                counts[torch.arange(B, device=dev), nxt] += 1
+            tokens = nxt.tolist()
+            for g, t in zip(self._last_rows, tokens):
+                g.append(t)
+            self.stats.new_tokens += B
+            self.stats.decode_s = time.perf_counter() - t0
+            yield tokens
+            if step == max_new - 1:
+                break
+            pos = L + step
+            step_mask = valid[:, None, None, :pos + 1] if ragged else None
+            step_pos = (pos - pad_t)[:, None] if ragged else None
+            logits = self._forward(nxt[:, None], cache, pos, step_mask, step_pos)
+
+    def _decode_batch(self, rows: list[list[int]], p: GenerateConfig, gen: torch.Generator) -> list[Completion]:
+        stop_ids, stop_text = self._stops(p)
+        done = [False] * len(rows)
+        tail = max((len(s) for s in stop_text), default=0) * 4 + 8
+        for tokens in self._steps(rows, p, gen):
+            for i, t in enumerate(tokens):
+                if done[i]:
+                    continue
+                if t in stop_ids:
+                    done[i] = True
+                elif stop_text:
+                    g = self._last_rows[i]
+                    if _first_stop(self.tok.decode(g[-tail:], skip_special_tokens=True), stop_text) >= 0:
+                        done[i] = True
+            if all(done):
+                break
+        return [self._finish(r, g, p, stop_ids, stop_text) for r, g in zip(rows, self._last_rows)]
+
+    def _finish(self, prompt: list[int], new: list[int], p: GenerateConfig, stop_ids: set[int],
+                stop_text: list[str], score: Optional[float] = None) -> Completion:
+        """Cut a row's new tokens at its first stop and decode them."""
+        reason = "length"
+        for j, t in enumerate(new):
+            if t in stop_ids:
+                new, reason = new[:j], ("eos" if t == self.tok.eot_id else "stop")
+                break
+        text = self.tok.decode(new, skip_special_tokens=True)
+        cut = _first_stop(text, stop_text)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+            # keep only the tokens that make up the kept text
+            while new and len(self.tok.decode(new[:-1], skip_special_tokens=True)) >= cut:
+                new = new[:-1]
+        return Completion(text, new, reason, len(prompt), score)
+
+    @torch.inference_mode()
+    def _beam_search(self, ids: list[int], p: GenerateConfig) -> list[Completion]:
+        """Beam search over one prompt; returns the best num_return_sequences hypotheses."""
+        nb, L = p.num_beams, len(ids)
+        max_new = min(p.max_new_tokens, self.cfg.max_seq_len - L)
+        stop_ids, stop_text = self._stops(p)
+        cache = KVCache.allocate(self.cfg, nb, L + max_new, self.device, self.dtype)
+        t0 = time.perf_counter()
+        logits = self._forward(torch.tensor([ids], device=self.device), cache, 0)
+        cache.k[:, 1:, :, :L] = cache.k[:, :1, :, :L]  # every beam starts from the same prefix
+        cache.v[:, 1:, :, :L] = cache.v[:, :1, :, :L]
+        logits = logits.expand(nb, -1)
+        scores = torch.full((nb,), float("-inf"), device=self.device)
+        scores[0] = 0.0
+        beams: list[list[int]] = [[] for _ in range(nb)]
+        finished: list[tuple[float, list[int], str]] = []
+
+        def norm(score: float, length: int) -> float:
+            return score / (max(length, 1) ** p.length_penalty)
+
+        for step in range(max_new):
+            if p.repetition_penalty != 1.0 or p.no_repeat_ngram_size:
+                seen = torch.zeros(nb, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+                for b in range(nb):
+                    seen[b, ids + beams[b]] = True
+                logits = S.repetition_penalty(logits, seen, p.repetition_penalty)
+                logits = S.no_repeat_ngram(logits, [ids + b for b in beams], p.no_repeat_ngram_size)
+            logp = S.temperature(logits, p.temperature if p.temperature > 0 else 1.0).log_softmax(-1)
+            cand = (scores[:, None] + logp).view(-1)
+            top_scores, top_idx = cand.topk(2 * nb)
+            V = logp.size(-1)
+            nxt: list[tuple[float, int, int]] = []
+            for sc, ix in zip(top_scores.tolist(), top_idx.tolist()):
+                b, t = divmod(ix, V)
+                if sc == float("-inf"):
+                    break
+                if t in stop_ids:
+                    finished.append((norm(sc, len(beams[b]) + 1), beams[b], "eos" if t == self.tok.eot_id else "stop"))
+                else:
+                    nxt.append((sc, b, t))
+                if len(nxt) == nb:
+                    break
+            finished.sort(key=lambda h: -h[0])
+            if len(finished) >= nb:
+                if p.early_stopping:
+                    break
+                best_running = max(s for s, _, _ in nxt) if nxt else float("-inf")
+                if norm(best_running, len(beams[0]) + 1) <= finished[nb - 1][0]:
+                    break
+            if not nxt:
+                break
+            src = torch.tensor([b for _, b, _ in nxt], device=self.device)
+            cache.k[:, :, :, :L + step] = cache.k[:, src, :, :L + step]
+            cache.v[:, :, :, :L + step] = cache.v[:, src, :, :L + step]
+            beams = [beams[b] + [t] for _, b, t in nxt]
+            scores = torch.tensor([s for s, _, _ in nxt], device=self.device)
+            self.stats.new_tokens += 1
+            if step == max_new - 1:
+                break
+            logits = self._forward(torch.tensor([[t] for _, _, t in nxt], device=self.device), cache, L + step)
+        for s, b in zip(scores.tolist(), beams):
+            if len(finished) < nb or not p.early_stopping:
+                finished.append((norm(s, len(b)), b, "length"))
+        finished.sort(key=lambda h: -h[0])
+        self.stats.decode_s += time.perf_counter() - t0
+        out = []
+        for sc, toks, reason in finished[:p.num_return_sequences]:
+            c = self._finish(ids, toks, p, stop_ids, stop_text, score=sc)
+            if reason != "length" and c.finish_reason == "length":
+                c.finish_reason = reason
+            out.append(c)
+        return out
+
+
+def merged_params(base: GenerateConfig, **overrides) -> GenerateConfig:
+    """`base` with the given non-None values replaced (CLI flags over config defaults), re-validated."""
+    from llmgen.config import _to_dataclass
+
+    vals = dataclasses.asdict(base)
+    vals.update({k: v for k, v in overrides.items() if v is not None})
+    return _to_dataclass(GenerateConfig, vals, "command line", "generate.")

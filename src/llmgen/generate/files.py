@@ -1,0 +1,99 @@
+"""Batch generation over a prompts file, writing one JSON line per prompt, resumable.
+
+Input: `.jsonl` (objects with `prompt`, or `messages` for a chat, optional `id`) or `.txt` (one
+prompt per line). Output: `.jsonl`, one object per prompt in input order. When the output
+already holds results for the first prompts, they are kept and generation continues after them;
+results are appended and flushed per batch, so an interruption loses at most one batch and
+never truncates what was written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from llmgen import ui
+from llmgen.atomic import atomic_write_text
+from llmgen.config import GenerateConfig
+from llmgen.data.instruct import validate_messages
+from llmgen.errors import LlmgenError
+from llmgen.generate.engine import Engine
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise LlmgenError(f"--input-file {path} does not exist")
+    rows = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LlmgenError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if isinstance(obj, str):
+                obj = {"prompt": obj}
+            if not isinstance(obj, dict) or not ("prompt" in obj or "messages" in obj):
+                raise LlmgenError(f"{path}:{n}: each line needs a `prompt` string (or `messages` for a chat)")
+            if "messages" in obj:
+                validate_messages(obj["messages"], f"{path}:{n}")
+            rows.append(obj)
+    else:
+        rows = [{"prompt": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise LlmgenError(f"--input-file {path} holds no prompts")
+    return rows
+
+
+def _done_results(out: Path) -> list[dict]:
+    """Complete result lines already in the output file (a torn last line is dropped)."""
+    if not out.is_file():
+        return []
+    good = []
+    for line in out.read_text(encoding="utf-8").splitlines():
+        try:
+            good.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return good
+
+
+def generate_file(engine: Engine, input_file: Path, output_file: Path, p: GenerateConfig,
+                  batch_size: int = 8, system: Optional[str] = None) -> tuple[int, int]:
+    """Returns (prompts generated now, prompts that were already done)."""
+    rows = read_prompts(input_file)
+    output_file = Path(output_file)
+    done = _done_results(output_file)
+    if len(done) > len(rows) or any(d.get("index") != i for i, d in enumerate(done)):
+        raise LlmgenError(f"--output-file {output_file} holds results that do not belong to {input_file}; choose "
+                          f"another output file or delete it")
+    if output_file.is_file():  # rewrite only if a torn line must go (atomically); else append
+        lines = [json.dumps(d, ensure_ascii=False) for d in done]
+        if output_file.read_text(encoding="utf-8") != "".join(x + "\n" for x in lines):
+            atomic_write_text(output_file, "".join(x + "\n" for x in lines))
+    else:
+        output_file.parent.mkdir(parents=True, exist_ok=True)
+    todo = list(range(len(done), len(rows)))
+    if done:
+        ui.info(f"{output_file} already holds {len(done)} of {len(rows)} results; continuing")
+    with open(output_file, "a", encoding="utf-8") as fh, ui.progress("generate", len(todo), unit="prompts") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            prompts = [rows[i].get("messages") or rows[i]["prompt"] for i in chunk]
+            t0 = time.perf_counter()
+            outs = engine.generate(prompts, p, system)
+            dt = time.perf_counter() - t0
+            for i, comps in zip(chunk, outs):
+                rec = {"index": i, **({"id": rows[i]["id"]} if "id" in rows[i] else {}),
+                       "prompt": rows[i].get("prompt"),
+                       "completions": [{"text": c.text, "finish_reason": c.finish_reason, "new_tokens": len(c.tokens),
+                                        **({"score": c.score} if c.score is not None else {})} for c in comps],
+                       "prompt_tokens": comps[0].prompt_tokens, "seconds": round(dt / len(chunk), 4)}
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.flush()
+            bar.advance(len(chunk))
+    return len(todo), len(done)
