@@ -1,0 +1,239 @@
+"""The decoding engine, its samplers, chat, and the generate/chat CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llmgen.config import GenerateConfig, ModelConfig
+from llmgen.data.instruct import PromptFormat, render_chat_template
+from llmgen.data.tokenizer import bytes_tokenizer
+from llmgen.generate import sampling as S
+from llmgen.generate.engine import Engine
+from llmgen.model.checkpoint import save_checkpoint
+from llmgen.model.transformer import Transformer
+
+GREEDY = GenerateConfig(max_new_tokens=24, temperature=0.0)
+
+
+def tiny_model(arch="llama", seed=0, max_seq_len=96):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(preset=None, arch=arch, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else None,
+                      d_model=64, max_seq_len=max_seq_len, vocab_size=260)
+    return Transformer(cfg)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(tiny_model(), bytes_tokenizer(), device="cpu")
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A complete llmgen checkpoint of a random tiny model with a bytes tokenizer."""
+    tok_dir = tmp_path / "tok"
+    bytes_tokenizer().save(tok_dir)
+    folder = tmp_path / "run" / "final"
+    save_checkpoint(folder, tiny_model(), tok_dir, {"step": 0})
+    return folder
+
+
+# ---------------------------------------------------------------------------------- samplers
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = torch.isfinite(S.top_p(logits, 0.8))[0].tolist()
+    assert kept == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8 exactly
+    kept = torch.isfinite(S.top_p(logits, 0.81))[0].tolist()
+    assert kept == [True, True, True, False]
+    assert torch.isfinite(S.top_p(logits[:, [3, 1, 0, 2]], 0.6))[0].tolist() == [False, True, True, False]
+
+
+def test_top_k_and_min_p():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert torch.isfinite(S.top_k(logits, 2))[0].tolist() == [False, True, True, False]
+    probs = logits.softmax(-1)[0]
+    kept = torch.isfinite(S.min_p(logits, 0.3))[0].tolist()
+    assert kept == [bool(p >= 0.3 * probs.max()) for p in probs]
+
+
+def test_repetition_penalty_follows_ctrl():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = S.repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_presence_frequency_and_ngram():
+    logits = torch.zeros(1, 5)
+    counts = torch.tensor([[0, 1, 3, 0, 0]])
+    assert S.presence_frequency_penalty(logits, counts, 0.5, 0.25)[0].tolist() == [0.0, -0.75, -1.25, 0.0, 0.0]
+    out = S.no_repeat_ngram(logits, [[1, 2, 3, 1, 2]], 3)  # "1 2" was followed by 3 -> 3 banned
+    assert torch.isinf(out[0]).tolist() == [False, False, False, True, False]
+
+
+def test_low_temperature_sampling_equals_greedy(engine):
+    g = engine.generate(["The sea"], GREEDY)[0][0]
+    s = engine.generate(["The sea"], GenerateConfig(max_new_tokens=24, temperature=1e-4, seed=1))[0][0]
+    assert s.tokens == g.tokens
+
+
+# ---------------------------------------------------------------------------------- engine
+
+
+def test_greedy_matches_naive_full_recompute(engine):
+    ids = engine.tok.encode("Once upon")
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(24):
+            logits, _ = engine.model(torch.tensor([seq]))
+            seq.append(int(logits[0, -1].argmax()))
+    assert engine.generate(["Once upon"], GREEDY)[0][0].tokens == seq[len(ids):]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_ragged_prompts_equal_one_by_one(arch):
+    eng = Engine(tiny_model(arch), bytes_tokenizer(), device="cpu")
+    prompts = ["A", "Hello there, friend", "xyz 123"]
+    batched = eng.generate(prompts, GREEDY)
+    for prompt, got in zip(prompts, batched):
+        assert got[0].tokens == eng.generate([prompt], GREEDY)[0][0].tokens
+
+
+def test_beam_search_width_one_is_greedy_and_beams_score_sorted(engine):
+    ids = engine.tok.encode("Once")
+    beam = engine._beam_search(ids, GenerateConfig(max_new_tokens=24, temperature=0.0, num_beams=1))
+    assert beam[0].tokens == engine.generate(["Once"], GREEDY)[0][0].tokens
+    outs = engine.generate(["Once"], GenerateConfig(max_new_tokens=12, temperature=0.0, num_beams=4,
+                                                    num_return_sequences=3))[0]
+    assert len(outs) == 3 and [o.score for o in outs] == sorted([o.score for o in outs], reverse=True)
+    greedy_logp = _logprob(engine, ids, engine.generate(["Once"], GenerateConfig(max_new_tokens=12, temperature=0.0))[0][0].tokens)
+    assert _logprob(engine, ids, outs[0].tokens) >= greedy_logp - 1e-4  # beams find at least as likely text
+
+
+def _logprob(engine, prompt, new):
+    seq = torch.tensor([prompt + new])
+    with torch.no_grad():
+        logits, _ = engine.model(seq)
+    lp = logits[0, :-1].log_softmax(-1).gather(-1, seq[0, 1:, None])[:, 0]
+    return float(lp[len(prompt) - 1:].sum())
+
+
+def test_stop_strings_span_tokens_and_are_trimmed(engine):
+    full = engine.generate(["Hi"], GREEDY)[0][0].text
+    stop = full[5:8]  # three bytes = three tokens
+    cut = engine.generate(["Hi"], GenerateConfig(max_new_tokens=24, temperature=0.0, stop=[stop]))[0][0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[:full.find(stop)]
+    streamed = "".join(engine.stream("Hi", GenerateConfig(max_new_tokens=24, temperature=0.0, stop=[stop])))
+    assert streamed == cut.text
+
+
+def test_seeded_sampling_is_reproducible_and_streaming_matches(engine):
+    p = GenerateConfig(max_new_tokens=30, temperature=1.0, top_k=50, seed=7)
+    a = engine.generate(["Seed"], p)[0][0]
+    b = engine.generate(["Seed"], p)[0][0]
+    assert a.tokens == b.tokens
+    assert "".join(engine.stream("Seed", p)) == a.text
+    c = engine.generate(["Seed"], GenerateConfig(max_new_tokens=30, temperature=1.0, top_k=50, seed=8))[0][0]
+    assert c.tokens != a.tokens
+
+
+def test_streaming_handles_multibyte_utf8():
+    from llmgen.generate.engine import IncrementalDecoder
+
+    tok = bytes_tokenizer()
+    dec = IncrementalDecoder(tok)
+    text = "héllo — ünïcode ✓"
+    pieces = [dec.push(b) for b in text.encode("utf-8")]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_long_prompt_refused_or_truncated(engine):
+    from llmgen.errors import LlmgenError
+
+    long = "x" * 200
+    with pytest.raises(LlmgenError, match="context is 96"):
+        engine.generate([long], GREEDY)
+    out = engine.generate([long], GenerateConfig(max_new_tokens=10, temperature=0.0, truncate_prompt=True))[0][0]
+    assert out.prompt_tokens + 10 <= 96 and len(out.tokens) == 10
+
+
+def test_chat_template_rendering_matches_transformers():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = bytes_tokenizer()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok.tok, chat_template=tok.chat_template, eos_token=tok.eos_token)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    ours = render_chat_template(tok, msgs, add_generation_prompt=True)
+    assert ours == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert PromptFormat("chat_template").prompt(tok, msgs) == ours
+    assert PromptFormat("chat_template").stops(tok) == ["<|im_end|>"]
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_json_and_stream(cli, ckpt):
+    code, out, err = cli("generate", "Hello", "--model", ckpt, "-n", "12", "--temperature", "0", "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["completions"][0]["new_tokens"] <= 12 and rec["prompt_tokens"] == 5
+    code, out2, err = cli("generate", "Hello", "--model", ckpt.parent, "-n", "12", "--temperature", "0")
+    assert code == 0, err
+    assert out2.strip() == "Hello" + rec["completions"][0]["text"].rstrip() or out2.startswith("Hello")
+    assert "tokens/s" in err and str(ckpt) in err
+
+
+def test_cli_generate_batch_file_resumes(cli, ckpt, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Prompt {i}", "id": i}) + "\n" for i in range(5)))
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", ckpt, "--input-file", prompts, "--output-file", out, "-n", "6",
+            "--temperature", "0", "--batch-size", "2"]
+    assert cli(*args)[0] == 0
+    full = out.read_text().splitlines()
+    assert [json.loads(x)["id"] for x in full] == list(range(5))
+    out.write_text("\n".join(full[:2]) + "\n" + full[2][:10])  # two done, one torn line
+    code, _, err = cli(*args)
+    assert code == 0 and "already holds 2 of 5" in err
+    def strip(lines):
+        return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+    assert strip(out.read_text().splitlines()) == strip(full)  # greedy: identical results, none lost
+
+
+def test_cli_generate_errors(cli, ckpt, tmp_path):
+    code, _, err = cli("generate", "Hi", "--model", tmp_path / "nope")
+    assert code == 2 and "does not exist" in err
+    code, _, err = cli("generate", "Hi", "--model", ckpt, "--top-p", "1.5")
+    assert code == 2 and "top_p" in err
+    code, _, err = cli("generate", "Hi", "--model", ckpt, "--temperature", "-1")
+    assert code == 2 and "temperature" in err
+    code, _, err = cli("generate", "Hi", "--model", ckpt, "--num-beams", "2", "--top-k", "5")
+    assert code == 2 and "beam" in err
+    (ckpt / "model.safetensors").write_bytes(b"garbage" * 10)
+    code, _, err = cli("generate", "Hi", "--model", ckpt)
+    assert code == 2 and "corrupt" in err
+    (ckpt / "model.safetensors").unlink()
+    code, _, err = cli("generate", "Hi", "--model", ckpt)
+    assert code == 2 and "model.safetensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_chat_repl(cli, ckpt, tmp_path, monkeypatch):
+    import io
+
+    saved = tmp_path / "conv.json"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"Hello\n/save {saved}\n/reset\nAgain\n/exit\n"))
+    code, out, err = cli("chat", "--model", ckpt, "--system", "You are a pirate.", "-n", "8", "--seed", "1")
+    assert code == 0, err
+    msgs = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert msgs[0]["content"] == "You are a pirate." and "(conversation cleared)" in out
