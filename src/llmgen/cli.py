@@ -272,20 +272,35 @@ def _read_line(prompt: str) -> str:
 @app.command("import")
 def import_(
     source: Annotated[str, typer.Argument(help="HF model folder, hf:<hub id>, or a .gguf file.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Destination checkpoint folder.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Destination checkpoint folder (default: the import cache).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
 ) -> None:
-    """Import a Hugging Face or GGUF model as an llmgen checkpoint."""
-    _not_yet("import", "import/export issue")
+    """Import a Hugging Face (Llama family, Qwen2, Mistral, GPT-2) or GGUF model as an llmgen checkpoint."""
+    from llmgen import ui
+    from llmgen.model.convert import import_model
+
+    folder = import_model(source, output, overwrite)
+    ui.info(f"checkpoint ready: {folder} (use it with --model {folder} or finetune.base: {folder})")
 
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="Run or checkpoint directory.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder.")],
-    format: Annotated[str, typer.Option("--format", help="Output format: hf.")] = "hf",
+    model: Annotated[Optional[str], typer.Argument(help="Run or checkpoint directory (default: the newest run).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder.")] = Path("exported"),
+    format: Annotated[str, typer.Option("--format", help="Output format: hf (transformers).")] = "hf",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
+    config: ConfigOpt = None,
 ) -> None:
-    """Export a checkpoint to Hugging Face transformers format."""
-    _not_yet("export", "import/export issue")
+    """Export a checkpoint (LoRA merged) as a transformers model folder."""
+    from llmgen import ui
+    from llmgen.model.convert import export_hf
+
+    if format != "hf":
+        raise LlmgenError(f"--format {format!r} is not supported; use --format hf (then llama.cpp's "
+                          f"convert_hf_to_gguf.py for GGUF)")
+    cfg = load_config(config, [])
+    folder = export_hf(model, output, overwrite, cfg.run_dir)
+    ui.info(f"exported to {folder}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})")
 
 
 def _one_line(text: str) -> str:

@@ -297,3 +297,21 @@ def _guess_format(rec: Any, where: str) -> str:
             return "prompt_completion"
     raise LlmgenError(f"{where}: cannot tell the format; each line needs `prompt` and `reference` (or `completion`), "
                       f"`instruction`/`output` (alpaca) or `messages` (chat)")
+
+
+# Jinja versions of the named templates, written into exported tokenizers so that transformers'
+# apply_chat_template prompts an exported model exactly as llmgen does.
+NAMED_JINJA = {
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "plain": (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n' }}"
+        "{% elif m['role'] == 'user' %}{{ m['content'] + '\\n' }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"),
+    "alpaca": (
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% if loop.first %}{{ '" + ALPACA_HEADER.replace("\n", "\\n") + "' }}{% else %}{{ '\\n\\n' }}{% endif %}"
+        "{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"),
+}
