@@ -122,11 +122,25 @@ def finetune(
     set_: SetOpt = None,
     print_config: PrintOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a finetune run_dir holding another run.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="LoRA: also write a merged full model to <run>/merged.")] = False,
 ) -> None:
     """Finetune a pretrained or imported model (full, LoRA or freeze) on instructions or text."""
-    if _load(config, set_, print_config) is None:
+    cfg = _load(config, set_, print_config)
+    if cfg is None:
         return
-    _not_yet("finetune", "finetune issue")
+    import dataclasses
+
+    from llmgen import ui
+    from llmgen.train.finetune import finetune as run_finetune
+
+    if merge:
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, merge=True))
+    res = run_finetune(cfg, resume=resume, overwrite=overwrite)
+    if res.interrupted:
+        return
+    best = f", best val loss {res.best_val_loss:.4f}" if res.best_val_loss is not None else ""
+    ui.info(f"done: {res.step} steps{best}; model in {res.final_dir} (metrics.jsonl and loss.png in {res.run_dir})")
 
 
 def _eval(
@@ -210,7 +224,9 @@ def generate(
         ui.info(f"wrote {new} results to {output_file}" + (f" ({old} were already there)" if old else ""))
         return
     if p.stream and not json_out and p.num_beams == 1 and p.num_return_sequences == 1:
-        typer.echo(prompt, nl=False)
+        templated = engine.fmt is not None and not p.raw  # an instruction model: print only its reply
+        if not templated:
+            typer.echo(prompt, nl=False)
         for piece in engine.stream(prompt, p, system):
             typer.echo(piece, nl=False)
         typer.echo()
@@ -221,7 +237,7 @@ def generate(
             for i, c in enumerate(comps):
                 if len(comps) > 1:
                     typer.echo(f"--- {i + 1}/{len(comps)}" + (f" (score {c.score:.3f})" if c.score is not None else ""))
-                typer.echo(prompt + c.text)
+                typer.echo(c.text if engine.fmt is not None and not p.raw else prompt + c.text)
     st = engine.stats
     if json_out:
         typer.echo(json.dumps({"model": str(engine.source), "prompt": prompt, "prompt_tokens": st.prompt_tokens,

@@ -147,7 +147,7 @@ class FinetuneConfig:
     max_steps: int = field(default=150, metadata=_rng(1))
     warmup_steps: int = field(default=15, metadata=_rng(0))
     batch_size: Optional[int] = field(default=None, metadata=_rng(1))
-    seq_len: Optional[int] = field(default=None, metadata=_rng(1))
+    seq_len: Optional[int] = field(default=None, metadata=_rng(1))  # null = the model context, at most 512
     eval_every: int = field(default=50, metadata=_rng(1))
     dropout: Optional[float] = field(default=None, metadata=_rng(0.0, 1.0))
     merge: bool = False  # LoRA: also write a merged full checkpoint to <finetune run>/merged

@@ -30,10 +30,14 @@ STATE_FILE = "training_state/state.pt"
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, tokenizer_dir: Path, info: dict[str, Any],
-                    state: Optional[dict[str, Any]] = None) -> None:
-    """Write a complete checkpoint folder in one rename."""
+                    state: Optional[dict[str, Any]] = None, save_weights=None) -> None:
+    """Write a complete checkpoint folder in one rename (`save_weights(tmp, model)` replaces the
+    full safetensors file, e.g. by a LoRA adapter)."""
     with atomic_dir(folder) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        if save_weights is not None:
+            save_weights(tmp, model)
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         cfg: ModelConfig = model.cfg
         meta = {"model": dataclasses.asdict(cfg), "llmgen_version": __version__, **info}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
@@ -86,7 +90,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if root.is_dir():
         for p in root.iterdir():
             m = re.fullmatch(r"step-(\d+)", p.name)
-            if m and (p / STATE_FILE).is_file() and (p / "model.safetensors").is_file():
+            if m and (p / STATE_FILE).is_file() and _is_checkpoint(p):
                 found.append((int(m.group(1)), p))
     return sorted(found)
 

@@ -4,27 +4,51 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import torch
 
 from llmgen.config import TrainConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; never decay norms, biases or embeddings' positions (1-D params)."""
-    decay, no_decay = [], []
+def lr_scale(name: str, n_layer: int, decay: float) -> float:
+    """Layer-wise LR decay: the top block trains at the full LR, each block below at `decay` times the
+    one above, the embeddings below block 0; the final norm and an untied head at the full LR."""
+    if decay == 1.0:
+        return 1.0
+    m = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    if m:
+        return decay ** (n_layer - 1 - int(m.group(1)))
+    if re.search(r"(?:^|\.)(tok_emb|pos_emb)\.", name):
+        return decay ** n_layer
+    return 1.0
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+    """Decay matrices; never decay norms, biases or embeddings' positions (1-D params). With layer-wise
+    LR decay, one group per (decay, lr_scale); the trainer multiplies the scheduled LR by lr_scale."""
+    groups: dict[tuple[bool, float], list] = {}
     seen = set()
+    n_layer = getattr(getattr(model, "cfg", None), "n_layer", 0)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and "pos_emb" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = p.dim() >= 2 and "pos_emb" not in name
+        groups.setdefault((decays, lr_scale(name, n_layer, layer_lr_decay)), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s}
+            for (d, s), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str,
+                   layer_lr_decay: float = 1.0) -> torch.optim.AdamW:
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+    groups = param_groups(model, t.weight_decay, layer_lr_decay)
+    if not groups:
+        from llmgen.errors import LlmgenError
+
+        raise LlmgenError("no parameter is trainable; check finetune.method / trainable_layers / trainable_parts")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
                              eps=1e-8, **({"fused": True} if fused else {}))
 
 

@@ -29,8 +29,15 @@ from llmgen.model.checkpoint import copy_checkpoint, list_checkpoints, load_stat
 from llmgen.train.logging import RunLog
 from llmgen.train.optim import lr_at, make_optimizer
 
-# A batch provider: (step, micro_step, rank) -> (inputs (B, T), targets (B, T)), deterministic.
-BatchFn = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+# A batch provider: (step, micro_step, rank) -> (inputs (B, T), targets (B, T)[, model kwargs such as
+# attn_mask/positions for packed examples]), deterministic.
+BatchFn = Callable[[int, int, int], tuple]
+
+
+def _unpack(batch: tuple, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    x, y, *rest = batch
+    kw = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), kw
 
 
 class WindowSampler:
@@ -106,8 +113,14 @@ def mixed_precision_mode(setting: str) -> str:
 
 def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict[str, BatchFn],
           tokenizer_dir: Path, bytes_per_token: Optional[float], resume: bool = False,
-          overwrite: bool = False, kind: str = "pretrain") -> TrainResult:
-    """Run the loop described in the module docstring; returns where the final checkpoint is."""
+          overwrite: bool = False, kind: str = "pretrain", layer_lr_decay: float = 1.0,
+          save_weights: Optional[Callable] = None, load_weights_fn: Optional[Callable] = None,
+          info: Optional[dict] = None) -> TrainResult:
+    """Run the loop described in the module docstring; returns where the final checkpoint is.
+
+    Finetuning passes its trainable-parameter choices through the model itself (frozen params, a
+    peft wrapper), LR multipliers through `layer_lr_decay`, and for LoRA `save_weights`/`load_weights_fn`
+    that write/read only the adapter; `info` is added to every checkpoint's config.json."""
     from accelerate import Accelerator
 
     t = cfg.train
@@ -133,7 +146,7 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
     best_dir: dict[str, Path] = {}
     if resume and ckpts:
         step_n, folder = ckpts[-1]
-        load_weights(model, folder)
+        (load_weights_fn or load_weights)(model, folder)
         state = load_state(folder)
         start_step = state["step"]
         best_val, bad_evals, skipped = state["best_val"], state["bad_evals"], state["skipped"]
@@ -145,7 +158,7 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
         ui.info(f"no checkpoint in {run_dir}/checkpoints yet; starting from scratch")
 
     torch.manual_seed(t.seed + acc.process_index)
-    optimizer = make_optimizer(model, t, acc.device.type)
+    optimizer = make_optimizer(model, t, acc.device.type, layer_lr_decay)
     model, optimizer = acc.prepare(model, optimizer)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -184,10 +197,9 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
             for name, fn in eval_sets.items():
                 losses = []
                 for i in range(t.eval_steps):
-                    x, y = fn(0, i, acc.process_index)
-                    x, y = x.to(acc.device), y.to(acc.device)
+                    x, y, kw = _unpack(fn(0, i, acc.process_index), acc.device)
                     with acc.autocast():
-                        _, loss = model(x, targets=y)
+                        _, loss = model(x, targets=y, **kw)
                     losses.append(loss.float())
                 mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
                 out[name] = mean
@@ -203,7 +215,8 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
             best_step = int(best_dir["path"].name.split("-")[1]) if "path" in best_dir else -1
             st = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "best_val": best_val,
                   "bad_evals": bad_evals, "skipped": skipped, "best_step": best_step}
-            save_checkpoint(folder, raw, tokenizer_dir, {"step": step, "val_loss": val, "kind": kind}, st)
+            save_checkpoint(folder, raw, tokenizer_dir, {"step": step, "val_loss": val, "kind": kind, **(info or {})}, st,
+                            save_weights=save_weights)
             for _, old in list_checkpoints(run_dir)[:-t.keep_last_n]:
                 if t.keep == "best" and best_dir.get("path") == old:
                     continue
@@ -225,11 +238,10 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=acc.device)
                 for micro in range(t.grad_accum_steps):
-                    x, y = batches(step, micro, acc.process_index)
-                    x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+                    x, y, kw = _unpack(batches(step, micro, acc.process_index), acc.device)
                     with acc.accumulate(model):
                         with acc.autocast():
-                            _, loss = model(x, targets=y)
+                            _, loss = model(x, targets=y, **kw)
                         acc.backward(loss)
                         loss_sum += loss.detach().float()
                         if acc.sync_gradients and t.grad_clip > 0:
