@@ -148,14 +148,56 @@ def _eval(
     set_: SetOpt = None,
     print_config: PrintOpt = False,
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Run or checkpoint directory (repeat to compare).")] = None,
-    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: ppl,bleu,rouge,chrf.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Evaluation data (text for ppl, jsonl for bleu/rouge).")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: ppl,bleu,rouge,chrf or hf:<name>.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Text (.txt/.jsonl) or prepared folder for ppl; jsonl examples for bleu/rouge.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results as JSON.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Score existing outputs (jsonl: prediction, reference).")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Write N (prompt, reference, prediction) triples for review.")] = 0,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Evaluate at most N examples.")] = None,
 ) -> None:
-    """Evaluate models: perplexity, BLEU, ROUGE."""
-    if _load(config, set_, print_config) is None:
+    """Evaluate models: perplexity (and bits per byte), BLEU, chrF, ROUGE."""
+    cfg = _load(config, set_, print_config)
+    if cfg is None:
         return
-    _not_yet("eval", "eval issue")
+    import dataclasses
+
+    from llmgen.evaluate.runner import parse_metrics, run_eval
+
+    if max_samples:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_samples=max_samples))
+    names = parse_metrics(metrics, cfg.eval.metrics)
+    if predictions is not None and model is None:
+        names = [m for m in names if m != "ppl"] if metrics is None else names
+        if "ppl" in names:
+            raise LlmgenError("ppl needs a model; drop it from --metrics when scoring --predictions")
+    report = run_eval(cfg, list(model or [None]), names, data, predictions, output, samples)
+    _print_report(report, output)
+
+
+def _print_report(report: dict, output: Optional[Path]) -> None:
+    from rich.table import Table
+
+    from llmgen import ui
+
+    results = report["results"]
+    keys = []
+    for e in results:  # headline numbers; the JSON output has everything
+        keys += [k for k, v in e["scores"].items() if isinstance(v, float) and k not in keys and k != "brevity_penalty"]
+    table = Table(title="llmgen eval")
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for e in results:
+        table.add_row(str(e["model"] or "predictions"), *[f"{e['scores'][k]:.4f}" if k in e["scores"] else "-" for k in keys])
+    from rich.console import Console
+
+    Console(width=max(100, 12 * len(keys) + 40)).print(table)
+    for e in results:
+        sig = e["config"].get("bleu", {}).get("signature")
+        if sig:
+            ui.info(f"sacrebleu signature: {sig}")
+    if output:
+        ui.info(f"results written to {output}" + (f"; chart {report['chart']}" if "chart" in report else ""))
 
 
 app.command("eval")(_eval)

@@ -183,6 +183,8 @@ class EvalConfig:
     stride: Optional[int] = field(default=None, metadata=_rng(1))
     batch_size: int = field(default=8, metadata=_rng(1))
     seed: int = 1337
+    aggregation: Literal["mean", "bootstrap"] = "mean"  # how ROUGE is averaged over examples
+    sample: bool = False  # sample predictions with the generate settings (default: greedy)
 
 
 @dataclass
