@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -125,6 +126,7 @@ def resolve_model_dir(path: Optional[str], run_dir: str = "runs/quickstart") -> 
             raise LlmgenError(f"no trained model found under {run_dir}; run `llmgen pretrain` first or pass --model "
                               f"(a run or checkpoint directory, an HF model folder or a .gguf file)")
         return found
+    path = os.path.expanduser(path)
     p = Path(path)
     if path.startswith("hf:") or p.suffix == ".gguf" or (p.is_dir() and _is_hf_model_dir(p)):
         from llmgen.model.convert import import_model

@@ -256,7 +256,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Trai
             f"prompt format {fmt.name if instruct else 'none (text)'}")
     info["trainable_params"] = n_train
 
-    lr = ft.lr or cfg.train.lr * (0.5 if ft.method == "lora" else 0.1)
+    lr = ft.lr or cfg.train.lr * 0.5
     tcfg = dataclasses.replace(cfg.train, lr=lr, min_lr=lr * 0.1, max_steps=ft.max_steps, warmup_steps=ft.warmup_steps,
                                batch_size=B, seq_len=seq_len, eval_every=ft.eval_every,
                                save_every=max(ft.eval_every, cfg.train.save_every if cfg.train.save_every < ft.max_steps else ft.max_steps))

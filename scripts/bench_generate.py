@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Benchmark llmgen's decoding engine against transformers' `generate()` on the same weights.
+
+For each model shape, a randomly initialised llmgen model is exported to a transformers
+`LlamaForCausalLM` (the export path users take; logits agree to 1e-4), and both decode greedily
+in fp32 on the same prompt, alternating rounds, with EOS disabled on both sides so every run
+produces exactly `--new-tokens` tokens. Ours is `Engine.generate` (prefill + KV-cache decode).
+`smollm2` uses the real SmolLM2-135M-Instruct when `--smollm2-gguf` is given (else its shape,
+random). Batch 8 reports aggregate tokens/s. The bandwidth limit is the measured memory copy
+rate divided by the bytes of weights read per token.
+
+    python scripts/bench_generate.py --models tiny,small,smollm2 --new-tokens 200 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchlib import report
+from llmgen.config import GenerateConfig, ModelConfig, build_config
+from llmgen.data.tokenizer import bytes_tokenizer, train_bpe
+from llmgen.generate.engine import Engine
+from llmgen.model.checkpoint import load_model, save_checkpoint
+from llmgen.model.convert import export_hf, import_model
+from llmgen.model.transformer import Transformer
+
+SMOLLM2 = dict(preset=None, arch="llama", n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
+               max_seq_len=2048, vocab_size=49152, rope_theta=100000.0, tie_embeddings=True)
+
+
+def mem_bandwidth() -> float:
+    """Bytes/s of a large tensor copy (read + write), the ceiling for weight streaming."""
+    a = torch.empty(64 << 20, dtype=torch.float32)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
+def build(name: str, work: Path, gguf: str | None) -> Path:
+    if name == "smollm2" and gguf:
+        return import_model(gguf)
+    tok = bytes_tokenizer()
+    tok_dir = work / "tok"
+    tok.save(tok_dir)
+    if name == "smollm2":
+        mcfg = ModelConfig(**SMOLLM2)
+    else:
+        mcfg = build_config({"model": {"preset": name, "vocab_size": 1024}}).model
+    if mcfg.vocab_size > tok.vocab_size:  # a BPE big enough for the model's vocabulary
+        tok = train_bpe(["the quick brown fox jumps over the lazy dog " * 50] * 4, 512)
+        tok_dir = work / "tok-bpe"
+        tok.save(tok_dir)
+    torch.manual_seed(0)
+    folder = work / f"ckpt-{name}"
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    model = model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.apply(model._init_weights)
+    if mcfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    save_checkpoint(folder, model, tok_dir, {"step": 0})
+    return folder
+
+
+def time_ours(engine: Engine, prompts: list[list[int]], n: int) -> float:
+    p = GenerateConfig(max_new_tokens=n, temperature=0.0)
+    t0 = time.perf_counter()
+    steps = 0
+    for _ in engine._steps(prompts, p, torch.Generator()):
+        steps += 1
+    assert steps == n
+    return len(prompts) * n / (time.perf_counter() - t0)
+
+
+def time_hf(model, prompts: list[list[int]], n: int) -> float:
+    ids = torch.tensor(prompts)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] - ids.shape[1] == n
+    return ids.numel() // ids.shape[1] * n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny,small,smollm2")
+    ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8, help="second batch size (aggregate tokens/s)")
+    ap.add_argument("--smollm2-gguf", default=None)
+    ap.add_argument("--out", default="bench_out/generate.json")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    torch.set_grad_enabled(False)
+    bw = mem_bandwidth()
+    rows, result = [], {"new_tokens": args.new_tokens, "rounds": args.rounds, "mem_bandwidth_GBps": bw / 1e9, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            work = Path(tmp) / name
+            work.mkdir()
+            folder = build(name, work, args.smollm2_gguf)
+            lm = load_model(str(folder))
+            engine = Engine(lm.model, lm.tokenizer, device="cpu")
+            hf = AutoModelForCausalLM.from_pretrained(export_hf(str(folder), work / "hf"), dtype=torch.float32).eval()
+            prompt = list(range(3, 19))  # 16 prompt tokens
+            weight_bytes = sum(p.numel() * 4 for p in lm.model.parameters())
+            for batch in (1, args.batch):
+                prompts = [prompt] * batch
+                ours, theirs = [], []
+                time_ours(engine, prompts, 8), time_hf(hf, prompts, 8)  # warm-up
+                for _ in range(args.rounds):
+                    ours.append(time_ours(engine, prompts, args.new_tokens))
+                    theirs.append(time_hf(hf, prompts, args.new_tokens))
+                o, t = statistics.median(ours), statistics.median(theirs)
+                limit = bw / weight_bytes * batch
+                result["models"][f"{name}/b{batch}"] = {"params_M": lm.model.num_params() / 1e6, "ours_tok_s": o,
+                                                        "hf_tok_s": t, "ratio": o / t, "bandwidth_limit_tok_s": limit,
+                                                        "ours_rounds": ours, "hf_rounds": theirs}
+                rows.append([name, f"{lm.model.num_params() / 1e6:.1f}M", batch, f"{o:.1f}", f"{t:.1f}", f"{o / t:.2f}x",
+                             f"{o / limit:.0%}"])
+                print(f"{name} batch {batch}: ours {o:.1f} tok/s, transformers {t:.1f} tok/s ({o / t:.2f}x), "
+                      f"{o / limit:.0%} of the bandwidth limit", flush=True)
+    report(args.out, result, ["model", "params", "batch", "llmgen tok/s", "transformers tok/s", "ratio",
+                              "% of bandwidth limit"], rows)
+
+
+if __name__ == "__main__":
+    main()
