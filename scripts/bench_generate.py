@@ -15,7 +15,6 @@ rate divided by the bytes of weights read per token.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time

@@ -165,7 +165,7 @@ def test_cli_bug_exits_1_with_traceback_behind_debug(cli, monkeypatch):
     assert code == 1 and "Traceback (most recent call last)" in err
 
 
-def test_not_yet_commands_exit_2(cli):
-    for args in (["finetune"], ["eval"], ["generate", "Once upon a time"], ["chat"]):
+def test_commands_without_a_model_say_what_to_run_first(cli):
+    for args in (["finetune"], ["eval", "--metrics", "bleu"], ["generate", "Once upon a time"], ["chat"], ["export"]):
         code, out, err = cli(*args)
-        assert code == 2 and "not available yet" in err, (args, err)
+        assert code == 2 and "llmgen pretrain" in err and len(err.strip().splitlines()) == 1, (args, err)

@@ -64,11 +64,6 @@ def _load(config: Optional[Path], overrides: Optional[list[str]], print_config: 
     return cfg
 
 
-def _not_yet(command: str, issue: str) -> None:
-    raise LlmgenError(f"`llmgen {command}` is not available yet in llmgen {__version__} (it lands with the "
-                      f"{issue}); see the README for what works today")
-
-
 @app.command()
 def prepare(
     config: ConfigOpt = None,

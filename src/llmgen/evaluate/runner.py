@@ -19,7 +19,7 @@ from llmgen import __version__, ui
 from llmgen.atomic import atomic_write_text
 from llmgen.config import Config
 from llmgen.errors import LlmgenError
-from llmgen.evaluate.metrics import ALL_METRICS, LOCAL, load_metric
+from llmgen.evaluate.metrics import ALL_METRICS, load_metric
 
 GEN_METRICS = ("bleu", "chrf", "rouge")
 DEFAULT_PAIRS = "builtin:instructions:eval"

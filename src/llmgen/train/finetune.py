@@ -9,7 +9,6 @@ pretraining: random windows over the token stream, as in `pretrain`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
