@@ -63,24 +63,22 @@ def ppl_tokens(cfg: Config, tok, data: Optional[str]) -> tuple[np.ndarray, Optio
             raise LlmgenError(f"{shards.folder}/val.bin is empty; prepare with data.val_fraction > 0 or pass --data")
         return ids, shards.meta.get("val_bytes"), f"{shards.folder}/val.bin", hashlib.sha256(ids.tobytes()).hexdigest()[:16]
     texts: list[str] = []
-    if source.startswith("builtin:stories"):
-        from llmgen.data.demo import iter_stories
+    path = Path(source)
+    if path.suffix == ".jsonl" and path.is_file():
+        from llmgen.data.instruct import iter_records
 
-        texts = list(iter_stories(200, cfg.data.seed + 99))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise LlmgenError(f"--data {source} does not exist; give a .txt/.jsonl file or a prepared folder")
-        if path.suffix == ".jsonl":
-            from llmgen.data.instruct import iter_records
+        for rec, where in iter_records(str(path)):
+            field = cfg.data.text_field
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise LlmgenError(f"{where}: missing field `{field}` (text for perplexity); set data.text_field")
+            texts.append(rec[field])
+    else:  # any data.source form: .txt/.json/.parquet/.csv files, folders, globs, hf:<name>, builtin:stories
+        from llmgen.data.sources import Corpus
 
-            for rec, where in iter_records(str(path)):
-                field = cfg.data.text_field
-                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                    raise LlmgenError(f"{where}: missing field `{field}` (text for perplexity); set data.text_field")
-                texts.append(rec[field])
-        else:
-            texts = [path.read_text(encoding="utf-8")]
+        dc = dataclasses.replace(cfg.data, source=source,
+                                 builtin_documents=200 if source.startswith("builtin:") else cfg.data.builtin_documents,
+                                 seed=cfg.data.seed + 99 if source.startswith("builtin:") else cfg.data.seed)
+        texts = ["".join(doc.pieces) for doc in Corpus(dc).documents()]
     texts = [t for t in texts if t]
     if not texts:
         raise LlmgenError(f"--data {source} holds no text")
