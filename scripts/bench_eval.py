@@ -5,7 +5,9 @@ A model (a trained llmgen checkpoint given with --model, else a random `small`-p
 a bytes tokenizer) is exported to transformers; both sides score the same text with the same
 window and stride, alternating rounds. The recipe is the loop from the transformers docs
 ("Perplexity of fixed-length models"): one window at a time, labels masked to the new tokens.
-The two perplexities must agree (relative 1e-4).
+The two perplexities must agree (relative 1e-4). One correction to the docs' loop: it weights each
+window by "valid labels - batch_size", which undercounts by one token per window after the first
+(their first label is already masked); we weight by the labels the loss really averaged.
 
     python scripts/bench_eval.py --text ../shared/data/wizard_of_oz.txt --max-chars 60000 --rounds 3
 """
@@ -42,7 +44,9 @@ def hf_recipe(model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[f
         target_ids[:, :-trg_len] = -100
         with torch.no_grad():
             loss = model(input_ids, labels=target_ids).loss
-        num_valid = (target_ids != -100).sum().item() - target_ids.size(0)  # labels are shifted inside
+        # the loss averages over the labels left after transformers' internal shift; the docs subtract
+        # batch_size instead, which miscounts by one per window once the first label is masked
+        num_valid = (target_ids[:, 1:] != -100).sum().item()
         nll_sum += loss.item() * num_valid
         n_tokens += num_valid
         prev_end = end
