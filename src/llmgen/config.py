@@ -105,6 +105,9 @@ class TrainConfig:
     seed: int = 1337
     mixed_precision: Literal["auto", "no", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    # multi-process strategy under torchrun / accelerate launch: ddp replicates the model on every
+    # rank; fsdp shards parameters, gradients and optimizer state per transformer block (FSDP2)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     early_stopping_patience: Optional[int] = field(default=None, metadata=_rng(1))
     resume: Literal["never", "auto"] = "never"
     skip_nonfinite: bool = False

@@ -90,10 +90,12 @@ def _first_stop(text: str, stops: list[str]) -> int:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, fmt: Optional[PromptFormat] = None,
-                 device: Optional[Union[str, torch.device]] = None, source: str = ""):
+                 device: Optional[Union[str, torch.device]] = None, source: str = "", fuse: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.model = model.to(self.device, dtype=dtype).eval()
+        if fuse:  # one matmul for q/k/v and one for gate/up (shares the weights' memory)
+            model.fuse()
         self.dtype = dtype
         self.tok = tokenizer
         self.fmt = fmt
@@ -204,7 +206,7 @@ class Engine:
     # ------------------------------------------------------------------ decoding
 
     def _forward(self, idx, cache, pos, mask=None, positions=None) -> torch.Tensor:
-        logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions)
+        logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions, last_only=True)
         return logits[:, -1].float()  # (B, V)
 
     @torch.inference_mode()

@@ -41,26 +41,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 for stability under bf16 autocast
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        # one fused kernel; normalise in fp32 for stability under bf16 autocast
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_size: int, max_len: int, theta: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_len, hs) for rotary embeddings in the rotate-half layout (HF Llama's);
-    `scale` > 1 is linear position interpolation."""
+    """cos/sin tables (max_len, hs) for rotary embeddings in the rotate-half layout (HF Llama's), which
+    rotates the pairs (i, i + hs/2). The sin table's first half is negated so that `apply_rope` needs
+    only a roll. `scale` > 1 is linear position interpolation."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32) / scale, inv_freq)  # (L, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, hs)
-    return angles.cos(), angles.sin()
+    sign = torch.cat([-torch.ones(head_size // 2), torch.ones(head_size // 2)])
+    return angles.cos(), angles.sin() * sign
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + hs/2) of x (B, nh, T, hs) by the angles in cos/sin (T, hs) or (B, 1, T, hs)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., hs) by the angles in cos/signed_sin (from `rope_tables`, broadcastable to x):
+    x * cos + (-x2, x1) * sin, where roll(x) = (x2, x1) and the sign lives in the table."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin).type_as(x)
 
 
 @dataclass
@@ -94,39 +93,80 @@ class Attention(nn.Module):
         self.use_rope = cfg.arch == "llama"
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.wqkv: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # set by fuse()
+
+    def fuse(self) -> bool:
+        """Re-point wq/wk/wv at row slices of one (q+k+v, C) matrix so projecting is one matmul (no
+        copy of the weights; in-place updates stay shared). Skipped when a projection is wrapped,
+        e.g. by an unmerged LoRA adapter."""
+        if self.wqkv is not None:
+            return True
+        lins = (self.wq, self.wk, self.wv)
+        if any(type(m) is not nn.Linear for m in lins):
+            return False
+        self.wqkv = _fuse_linears(lins)
+        return True
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 cache: Optional[KVCache] = None, pos: int = 0,
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv, hs = self.n_head, self.n_kv, self.hs
+        if self.wqkv is not None and not torch.is_grad_enabled():  # fused weights carry no gradients
+            w, b = self.wqkv
+            qkv = F.linear(x, w, b).view(B, T, nh + 2 * nkv, hs)
+            if self.use_rope:  # rotate q and k together
+                qk = apply_rope(qkv[:, :, :nh + nkv], *rope)
+                q, k = qk.split([nh, nkv], dim=2)
+            else:
+                q, k = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv]
+            v = qkv[:, :, nh + nkv:]
+        else:
+            q = self.wq(x).view(B, T, nh, hs)  # (B, T, nh, hs)
+            k = self.wk(x).view(B, T, nkv, hs)  # (B, T, nkv, hs)
+            v = self.wv(x).view(B, T, nkv, hs)
+            if self.use_rope:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
         if cache is not None:
             cache.k[self.layer, :B, :, pos:pos + T] = k
             cache.v[self.layer, :B, :, pos:pos + T] = v
             k = cache.k[self.layer, :B, :, :pos + T]  # (B, nkv, S, hs)
             v = cache.v[self.layer, :B, :, :pos + T]
-        if self.n_kv != self.n_head:  # grouped-query attention: each KV head serves n_head/n_kv query heads
-            rep = self.n_head // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(rep, dim=1)
         drop = self.dropout if self.training else 0.0
         S = k.shape[2]
+        if T == 1 and S > 1:
+            # one new token sees everything cached (attn_mask, if any, only hides padding). With GQA,
+            # the rep query heads that share a KV head ride in the query-length slot: no K/V copies.
+            y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hs), k, v, attn_mask=attn_mask,
+                                               dropout_p=drop)  # (B, nkv, rep, hs)
+            return self.resid_drop(self.wo(y.reshape(B, 1, nh * hs)))
+        if nkv != nh:  # grouped-query attention: each KV head serves n_head/n_kv query heads
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         elif S == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=drop)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # one new token sees everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:  # several new tokens after a cached prefix: causal within the new block
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
         return self.resid_drop(self.wo(y))
+
+
+def _fuse_linears(lins) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One weight (and bias) holding the given Linear layers' rows, which become views of it."""
+    w = torch.cat([m.weight.detach() for m in lins])
+    b = torch.cat([m.bias.detach() for m in lins]) if lins[0].bias is not None else None
+    row = 0
+    for m in lins:
+        n = m.out_features
+        m.weight.data = w[row:row + n]
+        if b is not None:
+            m.bias.data = b[row:row + n]
+        row += n
+    return w, b
 
 
 class MLP(nn.Module):
@@ -140,9 +180,19 @@ class MLP(nn.Module):
             self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=bias)  # down
         self.drop = nn.Dropout(cfg.dropout)
+        self.w13: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # set by fuse()
+
+    def fuse(self) -> bool:
+        """Gate and up projections as one matmul (see Attention.fuse)."""
+        if self.w13 is None and self.gated and type(self.w1) is nn.Linear and type(self.w3) is nn.Linear:
+            self.w13 = _fuse_linears((self.w1, self.w3))
+        return self.w13 is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
+        if self.w13 is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, *self.w13).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.gated:
             h = F.silu(self.w1(x)) * self.w3(x)  # SwiGLU
         else:
             h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's GELU
@@ -201,6 +251,14 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def fuse(self) -> "Transformer":
+        """Inference speed-up: q/k/v and gate/up projections each become one matmul (views, no extra
+        memory). Call after moving the model to its device and dtype; used when gradients are off."""
+        for block in self.blocks:
+            block.attn.fuse()
+            block.mlp.fuse()
+        return self
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.pos_emb is not None:
@@ -215,13 +273,14 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, pos: int = 0,
                 attn_mask: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                positions: Optional[torch.Tensor] = None, last_only: bool = False
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """idx (B, T) token ids written at cache slots pos..pos+T-1 -> logits (B, T, V), and the mean
         loss when targets (B, T) are given (positions with target -100 are ignored).
 
         By default token t sits at position pos+t. `positions` (B, T) overrides that per row (left-padded
         batches, packed examples that restart at 0); `attn_mask` (B, 1, T, S) bool, True = may attend,
-        then replaces causal masking."""
+        then replaces causal masking. `last_only` computes logits for the last position only (B, 1, V)."""
         B, T = idx.shape
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -230,13 +289,13 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device) if positions is None else positions)
         elif positions is None:
-            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])  # (T, hs) each
+            rope = (self.rope_cos[pos:pos + T, None], self.rope_sin[pos:pos + T, None])  # (T, 1, hs) each
         else:
-            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B, 1, T, hs)
+            rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))  # (B, T, 1, hs)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache, pos, attn_mask)
-        x = self.norm_f(x)
+        x = self.norm_f(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

@@ -111,6 +111,28 @@ def mixed_precision_mode(setting: str) -> str:
     return "no" if setting == "fp32" else setting
 
 
+def _fsdp_plugin():
+    """FSDP2: each transformer block is one shard unit, full state dicts gathered for checkpoints."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          transformer_cls_names_to_wrap=["Block"], reshard_after_forward=True,
+                                          state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+
+
+def _full_weights_saver(weights: dict[str, torch.Tensor]) -> Callable:
+    """A save_weights hook writing an already gathered state dict (tied weights stored once)."""
+    def save(folder: Path, model: torch.nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        if getattr(model.cfg, "tie_embeddings", False):
+            sd.pop("tok_emb.weight", None)  # as safetensors.save_model stores tied weights
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    return save
+
+
 def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict[str, BatchFn],
           tokenizer_dir: Path, bytes_per_token: Optional[float], resume: bool = False,
           overwrite: bool = False, kind: str = "pretrain", layer_lr_decay: float = 1.0,
@@ -132,8 +154,12 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
         raise LlmgenError(f"run_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                           f"start over, or set run_dir to a new folder")
     # cpu=True on a CPU-only machine makes accelerate run torchrun/accelerate-launch processes as gloo DDP
+    fsdp = t.distributed == "fsdp"
+    if fsdp and save_weights is not None:
+        raise LlmgenError("train.distributed: fsdp cannot be combined with finetune.method: lora (adapters are "
+                          "small: use ddp)")
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision_mode(t.mixed_precision),
-                      gradient_accumulation_steps=t.grad_accum_steps)
+                      gradient_accumulation_steps=t.grad_accum_steps, fsdp_plugin=_fsdp_plugin() if fsdp else None)
     main = acc.is_main_process
     if has_run and overwrite and not resume and main:
         for sub in ("checkpoints", "final", "metrics.jsonl", "loss.png", "tensorboard"):
@@ -161,7 +187,16 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
     optimizer = make_optimizer(model, t, acc.device.type, layer_lr_decay)
     model, optimizer = acc.prepare(model, optimizer)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("distributed", "ddp") != t.distributed:
+            raise LlmgenError(f"this run was saved with train.distributed: {state.get('distributed', 'ddp')}; "
+                              f"resume it with the same setting")
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
     raw = acc.unwrap_model(model)
     if t.compile:
@@ -187,7 +222,8 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
     if main:
         ui.info(f"{kind}: {n_params / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOPs/token, "
                 f"{tokens_per_step:,} tokens/step, {acc.num_processes} process(es) on {acc.device}, "
-                f"precision {acc.mixed_precision}; matmul peak {peak / 1e9:.0f} GFLOP/s")
+                f"precision {acc.mixed_precision}" + (", FSDP-sharded" if fsdp else "") +
+                f"; matmul peak {peak / 1e9:.0f} GFLOP/s")
 
 
     def evaluate() -> dict[str, float]:
@@ -208,15 +244,25 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
 
     def checkpoint(step: int, val: Optional[float]) -> Path:
         folder = run_dir / "checkpoints" / f"step-{step}"
-        if not all(bool(torch.isfinite(p).all()) for p in raw.parameters()):
+        if fsdp:  # gather the full weights and optimizer state onto rank 0 (a collective: every rank calls it)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            weights = acc.get_state_dict(model)
+            opt_state = get_optimizer_state_dict(model, optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            tensors = list(weights.values()) if main else []
+        else:
+            weights, opt_state, tensors = None, optimizer.state_dict(), list(raw.parameters())
+        if not all(bool(torch.isfinite(p).all()) for p in tensors):
             raise LlmgenError(f"the weights became non-finite (nan/inf) by step {step}; no checkpoint was written "
                               f"for it. Lower train.lr or raise train.warmup_steps / train.grad_clip")
         if main:
             best_step = int(best_dir["path"].name.split("-")[1]) if "path" in best_dir else -1
-            st = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "best_val": best_val,
-                  "bad_evals": bad_evals, "skipped": skipped, "best_step": best_step}
+            st = {"step": step, "optimizer": opt_state, "rng": _rng_state(), "best_val": best_val,
+                  "bad_evals": bad_evals, "skipped": skipped, "best_step": best_step, "distributed": t.distributed}
+            saver = _full_weights_saver(weights) if weights is not None else save_weights
             save_checkpoint(folder, raw, tokenizer_dir, {"step": step, "val_loss": val, "kind": kind, **(info or {})}, st,
-                            save_weights=save_weights)
+                            save_weights=saver)
             for _, old in list_checkpoints(run_dir)[:-t.keep_last_n]:
                 if t.keep == "best" and best_dir.get("path") == old:
                     continue
@@ -229,6 +275,7 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
     last_val: Optional[float] = None
     interrupted = stopped_early = False
     t_last, tokens_since = time.perf_counter(), 0
+    t_start = t_last
     try:
         with ui.progress(kind, t.max_steps, unit="steps", enabled=main) as bar:
             bar.advance(start_step)
@@ -266,7 +313,8 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
                     tps = tokens_since / max(now - t_last, 1e-9)
                     t_last, tokens_since = now, 0
                     rec = {"step": step, "loss": round(loss_val, 5), "lr": lr, "tokens_per_s": round(tps, 1),
-                           "mfu": round(tps * fpt / (peak * acc.num_processes), 4)}
+                           "mfu": round(tps * fpt / (peak * acc.num_processes), 4),
+                           "elapsed_s": round(now - t_start, 2)}
                     if main:
                         log.log(rec)
                         bar.update(info=f"loss {loss_val:.3f} lr {lr:.2e} {tps:,.0f} tok/s MFU {rec['mfu']:.1%}")
@@ -274,7 +322,8 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
                 if do_eval and eval_sets:
                     vals = evaluate()
                     last_val = vals.get("val", next(iter(vals.values())))
-                    rec = {"step": step, "val_loss": round(last_val, 5), "val_ppl": round(math.exp(min(last_val, 50)), 3)}
+                    rec = {"step": step, "val_loss": round(last_val, 5), "val_ppl": round(math.exp(min(last_val, 50)), 3),
+                           "elapsed_s": round(time.perf_counter() - t_start, 2)}
                     if bytes_per_token:
                         rec["val_bpb"] = round(last_val / math.log(2) / bytes_per_token, 5)
                     rec.update({f"val_loss/{k}": round(v, 5) for k, v in vals.items() if k != "val"})
@@ -317,7 +366,7 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
                     f"`llmgen {kind} --resume` (same --config/--set)")
         return TrainResult(run_dir, None, step, best_val if best_val < math.inf else None, interrupted=True,
                            skipped_steps=skipped)
-    if acc.num_processes > 1:  # DDP invariant: every rank holds the same weights
+    if acc.num_processes > 1 and not fsdp:  # DDP invariant: every rank holds the same weights
         checksum = torch.stack([p.detach().float().sum() for p in raw.parameters()]).sum().reshape(1)
         sums = acc.gather(checksum.to(acc.device))
         if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-6):
