@@ -7,7 +7,9 @@ in fp32 on the same prompt, alternating rounds, with EOS disabled on both sides 
 produces exactly `--new-tokens` tokens. Ours is `Engine.generate` (prefill + KV-cache decode).
 `smollm2` uses the real SmolLM2-135M-Instruct when `--smollm2-gguf` is given (else its shape,
 random). Batch 8 reports aggregate tokens/s. The bandwidth limit is the measured memory copy
-rate divided by the bytes of weights read per token.
+rate divided by the bytes of fp32 weights read per token. A third engine decodes with int8
+weight-only quantization (`--quantize int8`); its cost is reported as the change in perplexity
+on a fixed text (meaningful for real weights; for random ones it only shows the rounding noise).
 
     python scripts/bench_generate.py --models tiny,small,smollm2 --new-tokens 200 --rounds 3
 """
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 
 from benchlib import report
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 from llmgen.config import GenerateConfig, ModelConfig, build_config
 from llmgen.data.tokenizer import bytes_tokenizer, train_bpe
 from llmgen.generate.engine import Engine
@@ -63,13 +67,7 @@ def build(name: str, work: Path, gguf: str | None) -> Path:
         tok.save(tok_dir)
     torch.manual_seed(0)
     folder = work / f"ckpt-{name}"
-    with torch.device("meta"):
-        model = Transformer(mcfg)
-    model = model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.apply(model._init_weights)
-    if mcfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    model = Transformer(mcfg)
     save_checkpoint(folder, model, tok_dir, {"step": 0})
     return folder
 
@@ -82,6 +80,11 @@ def time_ours(engine: Engine, prompts: list[list[int]], n: int) -> float:
         steps += 1
     assert steps == n
     return len(prompts) * n / (time.perf_counter() - t0)
+
+
+def ppl(model, ids: torch.Tensor) -> float:
+    logits, loss = model(ids[:, :-1], targets=ids[:, 1:])
+    return float(loss.exp())
 
 
 def time_hf(model, prompts: list[list[int]], n: int) -> float:
@@ -106,6 +109,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_grad_enabled(False)
+    torch.manual_seed(0)
     bw = mem_bandwidth()
     rows, result = [], {"new_tokens": args.new_tokens, "rounds": args.rounds, "mem_bandwidth_GBps": bw / 1e9, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,27 +119,36 @@ def main() -> None:
             folder = build(name, work, args.smollm2_gguf)
             lm = load_model(str(folder))
             engine = Engine(lm.model, lm.tokenizer, device="cpu")
+            lm8 = load_model(str(folder))
+            engine8 = Engine(lm8.model, lm8.tokenizer, device="cpu", quantize="int8")
+            text = (SHARED / "wizard_of_oz.txt").read_text()[:4000] if (SHARED / "wizard_of_oz.txt").is_file() else "the cat sat " * 300
+            ids = torch.tensor([lm.tokenizer.encode(text)[:min(256, lm.model.cfg.max_seq_len)]])
+            ppl32, ppl8 = ppl(engine.model, ids), ppl(engine8.model, ids)
             hf = AutoModelForCausalLM.from_pretrained(export_hf(str(folder), work / "hf"), dtype=torch.float32).eval()
             prompt = list(range(3, 19))  # 16 prompt tokens
-            weight_bytes = sum(p.numel() * 4 for p in lm.model.parameters())
+            n_params = engine.n_params
+            weight_bytes = n_params * 4
             for batch in (1, args.batch):
                 prompts = [prompt] * batch
-                ours, theirs = [], []
-                time_ours(engine, prompts, 8), time_hf(hf, prompts, 8)  # warm-up
+                ours, ours8, theirs = [], [], []
+                time_ours(engine, prompts, 8), time_ours(engine8, prompts, 8), time_hf(hf, prompts, 8)  # warm-up
                 for _ in range(args.rounds):
                     ours.append(time_ours(engine, prompts, args.new_tokens))
+                    ours8.append(time_ours(engine8, prompts, args.new_tokens))
                     theirs.append(time_hf(hf, prompts, args.new_tokens))
-                o, t = statistics.median(ours), statistics.median(theirs)
+                o, o8, t = statistics.median(ours), statistics.median(ours8), statistics.median(theirs)
                 limit = bw / weight_bytes * batch
-                result["models"][f"{name}/b{batch}"] = {"params_M": lm.model.num_params() / 1e6, "ours_tok_s": o,
-                                                        "hf_tok_s": t, "ratio": o / t, "bandwidth_limit_tok_s": limit,
-                                                        "ours_rounds": ours, "hf_rounds": theirs}
-                rows.append([name, f"{lm.model.num_params() / 1e6:.1f}M", batch, f"{o:.1f}", f"{t:.1f}", f"{o / t:.2f}x",
-                             f"{o / limit:.0%}"])
-                print(f"{name} batch {batch}: ours {o:.1f} tok/s, transformers {t:.1f} tok/s ({o / t:.2f}x), "
-                      f"{o / limit:.0%} of the bandwidth limit", flush=True)
-    report(args.out, result, ["model", "params", "batch", "llmgen tok/s", "transformers tok/s", "ratio",
-                              "% of bandwidth limit"], rows)
+                result["models"][f"{name}/b{batch}"] = {
+                    "params_M": n_params / 1e6, "ours_tok_s": o, "ours_int8_tok_s": o8, "hf_tok_s": t, "ratio": o / t,
+                    "ratio_int8": o8 / t, "bandwidth_limit_tok_s": limit, "ppl_fp32": ppl32, "ppl_int8": ppl8,
+                    "ours_rounds": ours, "ours_int8_rounds": ours8, "hf_rounds": theirs}
+                rows.append([name, f"{n_params / 1e6:.1f}M", batch, f"{o:.1f}", f"{o8:.1f}", f"{t:.1f}", f"{o / t:.2f}x",
+                             f"{o8 / t:.2f}x", f"{o / limit:.0%}", f"{(ppl8 - ppl32) / ppl32:+.2%}"])
+                print(f"{name} batch {batch}: ours {o:.1f} tok/s, int8 {o8:.1f}, transformers {t:.1f} tok/s "
+                      f"({o / t:.2f}x, int8 {o8 / t:.2f}x), {o / limit:.0%} of the bandwidth limit; "
+                      f"ppl {ppl32:.3f} -> {ppl8:.3f} with int8", flush=True)
+    report(args.out, result, ["model", "params", "batch", "llmgen tok/s", "llmgen int8 tok/s", "transformers tok/s",
+                              "ratio", "ratio int8", "% of bandwidth limit (fp32)", "int8 ppl change"], rows)
 
 
 if __name__ == "__main__":

@@ -60,19 +60,20 @@ def run_hf(model, sampler, steps, lr):
     return statistics.median(rates[1:])
 
 
-def run_ours(preset, vocab, tokens_dir, steps, batch, seq_len, lr, work):
+def run_ours(preset, vocab, tokens_dir, steps, batch, seq_len, lr, work, compile_=False):
     cfg = build_config({"model": {"preset": preset, "vocab_size": vocab, "max_seq_len": max(seq_len, 64)},
                         "run_dir": str(work), "train": {"max_steps": steps, "batch_size": batch, "seq_len": seq_len,
                                                         "lr": lr, "min_lr": lr / 10, "warmup_steps": 2,
                                                         "log_every": 1, "eval_every": 10 ** 9,
-                                                        "save_every": 10 ** 9}})
+                                                        "save_every": 10 ** 9, "compile": compile_}})
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     tokens = np.fromfile(tokens_dir, dtype=np.uint16)
     sampler = WindowSampler(tokens, batch, seq_len, 0)
     train(cfg, model, sampler, {}, Path(work), None, overwrite=True)
     recs = [json.loads(x) for x in (Path(work) / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in recs[1:]), model.num_params(), model.flops_per_token(seq_len)
+    skip = 3 if compile_ else 1  # the first steps include compilation
+    return statistics.median(r["tokens_per_s"] for r in recs[skip:]), model.num_params(), model.flops_per_token(seq_len)
 
 
 def main() -> None:
@@ -83,9 +84,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="ours with train.compile: true")
     ap.add_argument("--out", default="bench_out/train.json")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     peak = _matmul_peak_flops(torch.device("cpu"))
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     rng = np.random.default_rng(0)
@@ -99,14 +101,14 @@ def main() -> None:
         n_params = fpt = None
         for _ in range(args.rounds):
             r, n_params, fpt = run_ours(preset, args.vocab_size, data_file, args.steps, args.batch_size,
-                                        args.seq_len, 1e-3, work / f"run_{preset}")
+                                        args.seq_len, 1e-3, work / f"run_{preset}", args.compile)
             ours_r.append(r)
             mcfg = build_config({"model": {"preset": preset, "vocab_size": args.vocab_size,
                                            "max_seq_len": max(args.seq_len, 64)}}).model
             sampler = WindowSampler(data, args.batch_size, args.seq_len, 0)
             hf_r.append(run_hf(hf_model(mcfg), sampler, args.steps, 1e-3))
         ours, hf = statistics.median(ours_r), statistics.median(hf_r)
-        row = dict(preset=preset, params_m=round(n_params / 1e6, 2), ours_tok_s=round(ours), hf_tok_s=round(hf),
+        row = dict(preset=preset + (" (compiled)" if args.compile else ""), params_m=round(n_params / 1e6, 2), ours_tok_s=round(ours), hf_tok_s=round(hf),
                    ratio=round(ours / hf, 2), ours_mfu=round(ours * fpt / peak, 3), hf_mfu=round(hf * fpt / peak, 3),
                    rounds_ours=[round(x) for x in ours_r], rounds_hf=[round(x) for x in hf_r])
         rows.append(row)

@@ -174,3 +174,32 @@ def test_finetune_refusals(cli, tmp_path):
         f"finetune.datasets=[{{source: {chat}, format: chat}}]"
     code, _, err = cli(*args)
     assert code == 2 and "chat template" in err
+
+
+def test_heldout_examples_are_written_and_scored(cli, tmp_path):
+    """finetune.val_examples holds out exactly N examples; they go to heldout.jsonl, the finetuned model
+    is scored on them at the end (finetune.eval_metrics), and `llmgen eval --data` scores the base on
+    the very same examples."""
+    base, data = _base(tmp_path), _data(tmp_path, n=30)
+    run = tmp_path / "ft"
+    code, _, err = cli(*_ft_args(base, data, run, "--set", "finetune.val_examples=6",
+                                 "--set", "finetune.eval_metrics=[rouge]", "--set", "generate.max_new_tokens=8"))
+    assert code == 0, err
+    held = [json.loads(x)["messages"] for x in (run / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 6
+    prompts = {m[0]["content"] for m in held}
+    all_prompts = {f"Add {i} and {i}." for i in range(30)}
+    assert prompts < all_prompts and held[0][-1]["content"].startswith("The sum is")
+    report = json.loads((run / "heldout_eval.json").read_text())
+    entry = report["results"][0]
+    assert entry["config"]["data"]["examples"] == 6
+    assert {e["prompt"] for e in entry["examples"]} == prompts
+    assert 0.0 <= entry["scores"]["rougeL"] <= 1.0 and "held-out examples: rouge1" in err
+    code, _, err = cli("eval", "--model", base, "--data", run / "heldout.jsonl", "--metrics", "rouge",
+                       "--output", tmp_path / "base.json", "--set", "generate.max_new_tokens=8")
+    assert code == 0, err
+    base_entry = json.loads((tmp_path / "base.json").read_text())["results"][0]
+    assert {e["prompt"] for e in base_entry["examples"]} == prompts
+    # a bad metric name is refused before any training happens
+    code, _, err = cli(*_ft_args(base, data, tmp_path / "ft2", "--set", "finetune.eval_metrics=[rogue]"))
+    assert code == 2 and "rogue" in err and not (tmp_path / "ft2").exists()

@@ -189,6 +189,38 @@ def test_cli_generate_json_and_stream(cli, ckpt):
     assert code == 0, err
     assert out2.strip() == "Hello" + rec["completions"][0]["text"].rstrip() or out2.startswith("Hello")
     assert "tokens/s" in err and str(ckpt) in err
+    code, out3, err = cli("generate", "Hello", "--model", ckpt, "-n", "12", "--temperature", "0", "--json",
+                          "--quantize", "int8")
+    assert code == 0 and "int8 weights" in err, err
+    assert json.loads(out3)["completions"][0]["new_tokens"] >= 1
+    code, _, err = cli("generate", "Hello", "--model", ckpt, "--quantize", "int4")
+    assert code == 2 and "int4" in err
+
+
+def test_int8_weights_track_fp32():
+    """Weight-only int8: each Linear computes x @ dequantised(W).T, the rounding error per weight is at
+    most half a step, and the whole network's logits stay close to fp32 (but not identical)."""
+    import copy
+
+    from llmgen.model.quantize import Int8Linear, quantize_int8
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    il = Int8Linear(lin)
+    deq = il.weight_int8.float() * il.scales[:, None]
+    assert (deq - lin.weight).abs().max() <= il.scales.max() / 2 + 1e-7
+    x = torch.randn(3, 5, 64)
+    assert torch.allclose(il(x), x @ deq.t() + lin.bias, atol=1e-4)
+    model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                                    vocab_size=260)).eval()
+    q = quantize_int8(copy.deepcopy(model))
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    idx = torch.randint(0, 260, (2, 20))
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = q(idx)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.05
 
 
 def test_cli_generate_batch_file_resumes(cli, ckpt, tmp_path):

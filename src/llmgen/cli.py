@@ -234,6 +234,7 @@ def generate(
     output_file: Annotated[Optional[Path], typer.Option("--output-file", help="Results .jsonl (resumable).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per batch with --input-file.")] = 8,
     json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: int8 weight-only decoding.")] = None,
 ) -> None:
     """Generate text from a prompt (or a file of prompts) with a trained model."""
     cfg = _load(config, set_, print_config)
@@ -249,13 +250,15 @@ def generate(
                     min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                     num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
-                    seed=seed, stop=stop or None, stream=stream, truncate_prompt=truncate_prompt, raw=raw)
+                    seed=seed, stop=stop or None, stream=stream, truncate_prompt=truncate_prompt, raw=raw,
+                    quantize=quantize)
     if (input_file is None) == (prompt is None):
         raise LlmgenError("give either a PROMPT or --input-file FILE (with --output-file), not both or neither")
     if input_file is not None and output_file is None:
         raise LlmgenError("--input-file needs --output-file OUT.jsonl for the results")
-    engine = Engine.load(model, cfg.run_dir)
-    ui.info(f"model: {engine.source} ({engine.model.num_params() / 1e6:.1f}M parameters, {engine.device})")
+    engine = Engine.load(model, cfg.run_dir, quantize=p.quantize)
+    ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters, {engine.device}"
+            + (f", {p.quantize} weights)" if p.quantize else ")"))
     if input_file is not None:
         new, old = generate_file(engine, input_file, output_file, p, batch_size, system)
         ui.info(f"wrote {new} results to {output_file}" + (f" ({old} were already there)" if old else ""))
@@ -302,7 +305,7 @@ def chat(
     from llmgen.generate.engine import Engine
 
     p = _gen_params(cfg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    session = ChatSession(Engine.load(model, cfg.run_dir), p, system)
+    session = ChatSession(Engine.load(model, cfg.run_dir, quantize=p.quantize), p, system)
 
     def read(prompt: str) -> str:
         return input(prompt) if sys.stdin.isatty() else _read_line(prompt)

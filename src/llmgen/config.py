@@ -144,7 +144,11 @@ class FinetuneConfig:
     train_on_prompt: bool = False
     packing: bool = True
     val_fraction: float = field(default=0.05, metadata=_rng(0.0, 0.5))
+    val_examples: Optional[int] = field(default=None, metadata=_rng(0))  # hold out exactly N per dataset instead
     max_examples: Optional[int] = field(default=None, metadata=_rng(1))  # per dataset
+    # after training, generate for the held-out examples and score them (e.g. [rouge, bleu]); they are
+    # also written to <finetune run>/heldout.jsonl, so `llmgen eval --data` can score the base on them
+    eval_metrics: list[str] = field(default_factory=list)
     # Finetuning defaults differ from pretraining; null = derive from train.* (lr: a fraction of it)
     lr: Optional[float] = field(default=None, metadata=_rng(gt=0))
     max_steps: int = field(default=150, metadata=_rng(1))
@@ -176,6 +180,7 @@ class GenerateConfig:
     stream: bool = True
     truncate_prompt: bool = False  # left-truncate prompts longer than the context instead of refusing
     raw: bool = False  # do not wrap prompts in the finetuned model's prompt template
+    quantize: Optional[Literal["int8"]] = None  # int8 weight-only decoding (faster on CPU; see docs/benchmarks.md)
 
 
 @dataclass

@@ -9,6 +9,7 @@ pretraining: random windows over the token stream, as in `pretrain`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from llmgen import ui
+from llmgen.atomic import atomic_write_text
 from llmgen.config import Config
 from llmgen.data.instruct import PromptFormat, encode_conversation, iter_records, load_conversations
 from llmgen.errors import LlmgenError
@@ -33,6 +35,7 @@ class TaskData:
     val: list[tuple[np.ndarray, np.ndarray]]
     stream: Optional[np.ndarray] = None  # text datasets: the training token stream
     val_stream: Optional[np.ndarray] = None
+    val_convs: list = dataclasses.field(default_factory=list)  # held-out conversations (instruction data)
 
 
 def encode_examples(tok, fmt: PromptFormat, convs, seq_len: int, train_on_prompt: bool
@@ -168,19 +171,36 @@ def load_tasks(cfg: Config, tok, fmt: PromptFormat, seq_len: int) -> list[TaskDa
                                   stream[len(stream) - n_val:] if n_val > seq_len else None))
             continue
         convs = load_conversations(spec.source, spec.format, cfg.data.seed, ft.max_examples)
-        examples, truncated = encode_examples(tok, fmt, convs, seq_len, ft.train_on_prompt)
-        if truncated:
-            ui.info(f"{spec.source}: {truncated} of {len(convs)} examples were longer than seq_len {seq_len} and "
-                    f"were truncated")
-        if not examples:
+        # split by example before encoding, so the held-out conversations can also be generated for
+        order = np.random.default_rng(cfg.train.seed).permutation(len(convs))
+        if ft.val_examples is not None:
+            n_val = min(ft.val_examples, len(convs) - 1)
+        else:
+            n_val = max(1, int(round(len(convs) * ft.val_fraction))) if ft.val_fraction > 0 and len(convs) > 1 else 0
+        val_convs = [convs[i] for i in order[:n_val]]
+        train_ex, truncated = encode_examples(tok, fmt, [convs[i] for i in order[n_val:]], seq_len, ft.train_on_prompt)
+        val, val_trunc = encode_examples(tok, fmt, val_convs, seq_len, ft.train_on_prompt)
+        if truncated + val_trunc:
+            ui.info(f"{spec.source}: {truncated + val_trunc} of {len(convs)} examples were longer than seq_len "
+                    f"{seq_len} and were truncated")
+        if not train_ex:
             raise LlmgenError(f"dataset {spec.source}: no example keeps any response token within seq_len {seq_len}")
-        rng = np.random.default_rng(cfg.train.seed)
-        order = rng.permutation(len(examples))
-        n_val = max(1, int(round(len(examples) * ft.val_fraction))) if ft.val_fraction > 0 and len(examples) > 1 else 0
-        val = [examples[i] for i in order[:n_val]]
-        train_ex = [examples[i] for i in order[n_val:]]
-        tasks.append(TaskData(name, spec.weight, train_ex, val))
+        tasks.append(TaskData(name, spec.weight, train_ex, val, val_convs=val_convs))
     return tasks
+
+
+def score_heldout(cfg: Config, model_dir: Path, heldout: Path, metrics: list[str]) -> dict:
+    """Generate for the held-out examples with the finetuned model and score the replies; the report
+    goes beside them (heldout_eval.json)."""
+    from llmgen.evaluate.runner import run_eval
+
+    report = run_eval(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_samples=None)),
+                      [str(model_dir)], [m for m in metrics if m != "ppl"], str(heldout),
+                      output=heldout.with_name("heldout_eval.json"))
+    scores = report["results"][0]["scores"]
+    ui.info("held-out examples: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) +
+            f" (compare the base: llmgen eval --model <base> --data {heldout} --metrics {','.join(metrics)})")
+    return report
 
 
 def default_base(cfg: Config) -> str:
@@ -205,6 +225,10 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Trai
     from llmgen.train.lora import apply_lora, freeze, load_adapter_weights, lora_info, save_adapter
 
     ft = cfg.finetune
+    if ft.eval_metrics:  # fail before training, not after it
+        from llmgen.evaluate.runner import parse_metrics
+
+        parse_metrics(",".join(ft.eval_metrics), [])
     base_arg = ft.base or default_base(cfg)
     base_dir = resolve_model_dir(base_arg, cfg.run_dir)
     lm = load_model(str(base_dir), cfg.run_dir)
@@ -264,6 +288,12 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Trai
     result = train(run_cfg, model, batches, eval_sets, tok_dir, None, resume=resume, overwrite=overwrite,
                    kind="finetune", layer_lr_decay=ft.layer_lr_decay, save_weights=save_weights,
                    load_weights_fn=load_fn, info=info)
+    heldout = [c for t in tasks for c in t.val_convs]
+    if heldout and result.final_dir is not None:
+        path = Path(run_cfg.run_dir) / "heldout.jsonl"
+        atomic_write_text(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in heldout))
+        if ft.eval_metrics:
+            score_heldout(cfg, result.final_dir, path, ft.eval_metrics)
     if ft.method == "lora" and ft.merge and result.final_dir is not None:
         from llmgen.model.checkpoint import save_checkpoint
 
