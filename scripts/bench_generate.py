@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="second batch size (aggregate tokens/s)")
     ap.add_argument("--smollm2-gguf", default=None)
+    ap.add_argument("--variant", choices=["int8", "compile"], default="int8",
+                    help="the second llmgen engine: int8 weights or a torch.compile'd decode step")
     ap.add_argument("--out", default="bench_out/generate.json")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -119,8 +121,9 @@ def main() -> None:
             folder = build(name, work, args.smollm2_gguf)
             lm = load_model(str(folder))
             engine = Engine(lm.model, lm.tokenizer, device="cpu")
-            lm8 = load_model(str(folder))
-            engine8 = Engine(lm8.model, lm8.tokenizer, device="cpu", quantize="int8")
+            lm8 = load_model(str(folder))  # the second engine: int8 weights, or the compiled decode step
+            engine8 = Engine(lm8.model, lm8.tokenizer, device="cpu", quantize="int8" if args.variant == "int8" else None,
+                             compile=args.variant == "compile")
             text = (SHARED / "wizard_of_oz.txt").read_text()[:4000] if (SHARED / "wizard_of_oz.txt").is_file() else "the cat sat " * 300
             ids = torch.tensor([lm.tokenizer.encode(text)[:min(256, lm.model.cfg.max_seq_len)]])
             ppl32, ppl8 = ppl(engine.model, ids), ppl(engine8.model, ids)
@@ -128,7 +131,7 @@ def main() -> None:
             prompt = list(range(3, 19))  # 16 prompt tokens
             n_params = engine.n_params
             weight_bytes = n_params * 4
-            for batch in (1, args.batch):
+            for batch in sorted({1, args.batch}):
                 prompts = [prompt] * batch
                 ours, ours8, theirs = [], [], []
                 time_ours(engine, prompts, 8), time_ours(engine8, prompts, 8), time_hf(hf, prompts, 8)  # warm-up
@@ -147,8 +150,9 @@ def main() -> None:
                 print(f"{name} batch {batch}: ours {o:.1f} tok/s, int8 {o8:.1f}, transformers {t:.1f} tok/s "
                       f"({o / t:.2f}x, int8 {o8 / t:.2f}x), {o / limit:.0%} of the bandwidth limit; "
                       f"ppl {ppl32:.3f} -> {ppl8:.3f} with int8", flush=True)
-    report(args.out, result, ["model", "params", "batch", "llmgen tok/s", "llmgen int8 tok/s", "transformers tok/s",
-                              "ratio", "ratio int8", "% of bandwidth limit (fp32)", "int8 ppl change"], rows)
+    v = args.variant
+    report(args.out, result, ["model", "params", "batch", "llmgen tok/s", f"llmgen {v} tok/s", "transformers tok/s",
+                              "ratio", f"ratio {v}", "% of bandwidth limit (fp32)", f"{v} ppl change"], rows)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,10 @@ def test_shakespeare_bpe_end_to_end(cli):
     assert meta["train_tokens"] == len(train)
     assert len(train) < 0.45 * meta["train_bytes"]  # real merges happened
     text = src.read_text()
-    assert tok.decode(train[:-1]) + tok.decode(shards.tokens("val")[:-1]) == text
+    train_text = tok.decode(train[:-1])
+    assert train_text + tok.decode(shards.tokens("val")[:-1]) == text
+    # prepare encodes ~128K-character parts in parallel: the ids equal encoding the text whole
+    assert np.array_equal(train[:-1], tok.encode(train_text))
     assert os.path.isfile("prep/config.yaml")
     assert load_config("prep/config.yaml").tokenizer.vocab_size == 2048
 
@@ -131,3 +134,15 @@ def test_builtin_quickstart_prepare(cli):
     meta = json.loads(open("data/quickstart/meta.json").read())
     assert meta["train_documents"] == 570 and meta["val_documents"] == 30
     assert 600 < meta["vocab_size"] <= 1024
+
+
+def test_safe_parts_encode_like_the_whole():
+    from llmgen.data.sources import split_safely
+    from llmgen.data.tokenizer import train_bpe
+
+    text = shared_file("wizard_of_oz.txt").read_text()[:300_000]
+    tok = train_bpe([text], 1024)
+    parts = split_safely(text, 20_000)
+    assert len(parts) > 10 and "".join(parts) == text
+    ids = np.concatenate([np.asarray(tok.encode(p)) for p in parts])
+    assert np.array_equal(ids, tok.encode(text))

@@ -101,14 +101,19 @@ def pretrain(
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
-    from llmgen import ui
     from llmgen.train.pretrain import pretrain as run_pretrain
 
-    res = run_pretrain(cfg, resume=resume, overwrite=overwrite)
+    _report_done(run_pretrain(cfg, resume=resume, overwrite=overwrite))
+
+
+def _report_done(res) -> None:
+    from llmgen import ui
+
     if res.interrupted:
         return
     best = f", best val loss {res.best_val_loss:.4f}" if res.best_val_loss is not None else ""
-    ui.info(f"done: {res.step} steps{best}; model in {res.final_dir} (metrics.jsonl and loss.png in {res.run_dir})")
+    ui.info(f"done: {res.step} steps{best}; {res.tokens_per_s:,.0f} tokens/s, peak memory {res.peak_memory_mb:,.0f} MB; "
+            f"model in {res.final_dir} (metrics.jsonl and loss.png in {res.run_dir})")
 
 
 @app.command()
@@ -126,16 +131,11 @@ def finetune(
         return
     import dataclasses
 
-    from llmgen import ui
     from llmgen.train.finetune import finetune as run_finetune
 
     if merge:
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, merge=True))
-    res = run_finetune(cfg, resume=resume, overwrite=overwrite)
-    if res.interrupted:
-        return
-    best = f", best val loss {res.best_val_loss:.4f}" if res.best_val_loss is not None else ""
-    ui.info(f"done: {res.step} steps{best}; model in {res.final_dir} (metrics.jsonl and loss.png in {res.run_dir})")
+    _report_done(run_finetune(cfg, resume=resume, overwrite=overwrite))
 
 
 def _eval(
@@ -235,6 +235,7 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per batch with --input-file.")] = 8,
     json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: int8 weight-only decoding.")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the decode step.")] = None,
 ) -> None:
     """Generate text from a prompt (or a file of prompts) with a trained model."""
     cfg = _load(config, set_, print_config)
@@ -251,12 +252,12 @@ def generate(
                     frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                     num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
                     seed=seed, stop=stop or None, stream=stream, truncate_prompt=truncate_prompt, raw=raw,
-                    quantize=quantize)
+                    quantize=quantize, compile=compile_)
     if (input_file is None) == (prompt is None):
         raise LlmgenError("give either a PROMPT or --input-file FILE (with --output-file), not both or neither")
     if input_file is not None and output_file is None:
         raise LlmgenError("--input-file needs --output-file OUT.jsonl for the results")
-    engine = Engine.load(model, cfg.run_dir, quantize=p.quantize)
+    engine = Engine.load(model, cfg.run_dir, quantize=p.quantize, compile=p.compile)
     ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters, {engine.device}"
             + (f", {p.quantize} weights)" if p.quantize else ")"))
     if input_file is not None:

@@ -180,7 +180,8 @@ class GenerateConfig:
     stream: bool = True
     truncate_prompt: bool = False  # left-truncate prompts longer than the context instead of refusing
     raw: bool = False  # do not wrap prompts in the finetuned model's prompt template
-    quantize: Optional[Literal["int8"]] = None  # int8 weight-only decoding (faster on CPU; see docs/benchmarks.md)
+    quantize: Optional[Literal["int8"]] = None  # int8 weight-only weights (4x less memory; slower on CPU)
+    compile: bool = False  # torch.compile the decode step (the first generation pays the compile time)
 
 
 @dataclass

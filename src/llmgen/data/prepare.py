@@ -21,11 +21,12 @@ from llmgen import __version__, ui
 from llmgen.atomic import atomic_dir
 from llmgen.config import Config
 from llmgen.data.shards import FORMAT_VERSION, ShardWriter, shard_dtype, write_meta
-from llmgen.data.sources import _SAFE_CUT, Corpus, Document
+from llmgen.data.sources import _SAFE_CUT, Corpus, Document, split_safely
 from llmgen.data.tokenizer import Tokenizer, bytes_tokenizer, train_bpe
 from llmgen.errors import LlmgenError
 
 BATCH_CHARS = 2 << 20  # text per encode_batch call
+PART_CHARS = 1 << 17  # ...cut into parts of this size, so every core gets many small tasks
 
 
 @dataclass
@@ -174,7 +175,16 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         def flush() -> None:
             nonlocal blank
             blank = blank and all(not text.strip() for _, text, _ in batch)
-            encoded = tok.encode_batch([text for _, text, _ in batch])
+            texts = [text for _, text, _ in batch]
+            if cfg.tokenizer.type == "bpe":  # our byte-level BPE: parts encode exactly like the whole
+                parts = [split_safely(t, PART_CHARS) for t in texts]
+                flat = tok.encode_batch([x for ps in parts for x in ps])
+                encoded, at = [], 0
+                for ps in parts:
+                    encoded.append(np.concatenate(flat[at:at + len(ps)]) if len(ps) > 1 else flat[at])
+                    at += len(ps)
+            else:
+                encoded = tok.encode_batch(texts)
             for (split, text, end), ids in zip(batch, encoded):
                 w = writers[split]
                 w.write(ids)

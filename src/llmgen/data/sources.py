@@ -55,6 +55,20 @@ def _safe_cut(text: str) -> int:
         start = max(0, start - (1 << 20))
 
 
+def split_safely(text: str, size: int) -> list[str]:
+    """Cut text into parts of about `size` characters at places that do not change byte-level BPE
+    pre-tokens, so encoding the parts gives the same ids as encoding the whole."""
+    parts, pos = [], 0
+    while len(text) - pos > size:
+        cut = _safe_cut(text[pos:pos + size])
+        if not cut:
+            break
+        parts.append(text[pos:pos + cut])
+        pos += cut
+    parts.append(text[pos:])
+    return parts
+
+
 def _decoded_chunks(path: Path, errors: str) -> Iterator[str]:
     """Decode a file in chunks; report invalid UTF-8 with its byte offset."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)

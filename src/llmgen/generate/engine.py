@@ -91,7 +91,7 @@ def _first_stop(text: str, stops: list[str]) -> int:
 class Engine:
     def __init__(self, model: Transformer, tokenizer, fmt: Optional[PromptFormat] = None,
                  device: Optional[Union[str, torch.device]] = None, source: str = "", fuse: bool = True,
-                 quantize: Optional[str] = None):
+                 quantize: Optional[str] = None, compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.model = model.to(self.device, dtype=dtype).eval()
@@ -103,6 +103,9 @@ class Engine:
         elif fuse:  # one matmul for q/k/v and one for gate/up (shares the weights' memory)
             model.fuse()
         self.quantize = quantize
+        # torch.compile of the one-token decode step over a fixed-size cache (compiled once per batch
+        # size and cache bucket; the first generation pays the compile time)
+        self._compiled = torch.compile(self._static_step, dynamic=False) if compile else None
         self.dtype = dtype
         self.tok = tokenizer
         self.fmt = fmt
@@ -112,11 +115,12 @@ class Engine:
 
     @classmethod
     def load(cls, path: Optional[str] = None, run_dir: str = "runs/quickstart", device=None,
-             quantize: Optional[str] = None) -> "Engine":
+             quantize: Optional[str] = None, compile: bool = False) -> "Engine":
         from llmgen.model.checkpoint import load_model
 
         lm = load_model(path, run_dir)
-        return cls(lm.model, lm.tokenizer, lm.prompt_format, device, str(lm.folder), quantize=quantize)
+        return cls(lm.model, lm.tokenizer, lm.prompt_format, device, str(lm.folder), quantize=quantize,
+                   compile=compile)
 
     # ------------------------------------------------------------------ prompts
 
@@ -224,6 +228,10 @@ class Engine:
             logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions, last_only=True)
         return logits[:, -1].float()  # (B, V)
 
+    def _static_step(self, idx, cache, slot, mask, positions) -> torch.Tensor:
+        logits, _ = self.model(idx, cache=cache, pos=slot, attn_mask=mask, positions=positions, last_only=True)
+        return logits[:, -1].float()
+
     @torch.inference_mode()
     def _steps(self, rows: list[list[int]], p: GenerateConfig, gen: torch.Generator) -> Iterator[list[int]]:
         """Yield the next token of every row, step by step; `self._last_rows` holds the new tokens so far.
@@ -231,14 +239,17 @@ class Engine:
         B, L = len(rows), max(map(len, rows))
         max_new = min(p.max_new_tokens, self.cfg.max_seq_len - L)
         dev = self.device
-        cache = KVCache.allocate(self.cfg, B, L + max_new, dev, self.dtype)
+        size = L + max_new
+        if self._compiled is not None:  # a few fixed cache sizes, so the compiled step is reused
+            size = min(self.cfg.max_seq_len, -(-size // 256) * 256)
+        cache = KVCache.allocate(self.cfg, B, size, dev, self.dtype)
         pads = [L - len(r) for r in rows]
         idx = torch.tensor([[self.tok.pad_id or 0] * pad + r for pad, r in zip(pads, rows)], device=dev)
         ragged = any(pads)
         mask = positions = valid = None
         if ragged:
             pad_t = torch.tensor(pads, device=dev)
-            slots = torch.arange(L + max_new, device=dev)
+            slots = torch.arange(size, device=dev)
             valid = slots[None, :] >= pad_t[:, None]  # (B, S): slot holds a real token
             positions = (torch.arange(L, device=dev)[None, :] - pad_t[:, None]).clamp(min=0)  # (B, L)
             causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
@@ -256,6 +267,7 @@ class Engine:
             for i, r in enumerate(rows):
                 counts[i].index_add_(0, torch.tensor(r, device=dev), torch.ones(len(r), device=dev, dtype=torch.int32))
         self._last_rows = [[] for _ in range(B)]
+        all_slots = torch.arange(size, device=dev)
         for step in range(max_new):
             if penalties:
                 logits = S.repetition_penalty(logits, counts > 0, p.repetition_penalty)
@@ -276,6 +288,12 @@ class Engine:
             if step == max_new - 1:
                 break
             pos = L + step
+            if self._compiled is not None:
+                seen = all_slots <= pos  # (S_max,)
+                step_mask = (valid[:, :size] & seen)[:, None, None] if ragged else seen.expand(B, 1, 1, size)
+                step_pos = (pos - pad_t)[:, None] if ragged else torch.full((B, 1), pos, device=dev)
+                logits = self._compiled(nxt[:, None], cache, torch.tensor([pos], device=dev), step_mask, step_pos)
+                continue
             step_mask = valid[:, None, None, :pos + 1] if ragged else None
             step_pos = (pos - pad_t)[:, None] if ragged else None
             logits = self._forward(nxt[:, None], cache, pos, step_mask, step_pos)

@@ -128,7 +128,13 @@ class Attention(nn.Module):
             if self.use_rope:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
-        if cache is not None:
+        if cache is not None and isinstance(pos, torch.Tensor):
+            # static shapes (the compiled decode step): write slots `pos` (T,), attend over the whole
+            # cache; attn_mask hides the slots not written yet
+            cache.k[self.layer, :B].index_copy_(2, pos, k)
+            cache.v[self.layer, :B].index_copy_(2, pos, v)
+            k, v = cache.k[self.layer, :B], cache.v[self.layer, :B]  # (B, nkv, S_max, hs)
+        elif cache is not None:
             cache.k[self.layer, :B, :, pos:pos + T] = k
             cache.v[self.layer, :B, :, pos:pos + T] = v
             k = cache.k[self.layer, :B, :, :pos + T]  # (B, nkv, S, hs)
@@ -280,9 +286,11 @@ class Transformer(nn.Module):
 
         By default token t sits at position pos+t. `positions` (B, T) overrides that per row (left-padded
         batches, packed examples that restart at 0); `attn_mask` (B, 1, T, S) bool, True = may attend,
-        then replaces causal masking. `last_only` computes logits for the last position only (B, 1, V)."""
+        then replaces causal masking. `last_only` computes logits for the last position only (B, 1, V).
+        With `pos` a tensor of cache slots, shapes stay static for torch.compile (see Attention)."""
         B, T = idx.shape
-        if pos + T > self.cfg.max_seq_len:
+        static = isinstance(pos, torch.Tensor)  # pos = cache slots (T,); positions (B, T) must be given
+        if not static and pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None

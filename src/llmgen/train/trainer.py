@@ -100,6 +100,8 @@ class TrainResult:
     stopped_early: bool = False
     skipped_steps: int = 0
     history: list = field(default_factory=list)
+    tokens_per_s: float = 0.0  # over the whole run, evaluation and checkpoints included
+    peak_memory_mb: float = 0.0  # CUDA: peak allocated on the device; CPU: the process's peak RSS
 
 
 def mixed_precision_mode(setting: str) -> str:
@@ -380,5 +382,12 @@ def train(cfg: Config, model: torch.nn.Module, batches: BatchFn, eval_sets: dict
         if log is not None:
             log.plot()
     acc.wait_for_everyone()
+    if acc.device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(acc.device) / 2 ** 20
+    else:
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rate = tokens_per_step * (step - start_step) / max(time.perf_counter() - t_start, 1e-9)
     return TrainResult(run_dir, final, step, best_val if best_val < math.inf else None,
-                       stopped_early=stopped_early, skipped_steps=skipped)
+                       stopped_early=stopped_early, skipped_steps=skipped, tokens_per_s=rate, peak_memory_mb=peak_mb)
