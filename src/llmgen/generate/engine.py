@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmgen.config import GenerateConfig
 from llmgen.data.instruct import Messages, PromptFormat
@@ -105,7 +106,7 @@ class Engine:
         self.quantize = quantize
         # torch.compile of the one-token decode step over a fixed-size cache (compiled once per batch
         # size and cache bucket; the first generation pays the compile time)
-        self._compiled = torch.compile(self._static_step, dynamic=False) if compile else None
+        self._compiled = torch.compile(self._logits, dynamic=False) if compile else None
         self.dtype = dtype
         self.tok = tokenizer
         self.fmt = fmt
@@ -217,20 +218,16 @@ class Engine:
 
     # ------------------------------------------------------------------ decoding
 
-    def _forward(self, idx, cache, pos, mask=None, positions=None) -> torch.Tensor:
-        if self.device.type == "cuda":
-            # cuDNN attention builds a new plan for every new key length (~10 ms each): one per decode step
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions, last_only=True)
-        else:
-            logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions, last_only=True)
+    def _logits(self, idx, cache, pos, mask=None, positions=None) -> torch.Tensor:
+        logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions, last_only=True)
         return logits[:, -1].float()  # (B, V)
 
-    def _static_step(self, idx, cache, slot, mask, positions) -> torch.Tensor:
-        logits, _ = self.model(idx, cache=cache, pos=slot, attn_mask=mask, positions=positions, last_only=True)
-        return logits[:, -1].float()
+    def _forward(self, idx, cache, pos, mask=None, positions=None) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return self._logits(idx, cache, pos, mask, positions)
+        # cuDNN attention builds a new plan for every new key length (~10 ms each): one per decode step
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return self._logits(idx, cache, pos, mask, positions)
 
     @torch.inference_mode()
     def _steps(self, rows: list[list[int]], p: GenerateConfig, gen: torch.Generator) -> Iterator[list[int]]:
@@ -247,9 +244,9 @@ class Engine:
         idx = torch.tensor([[self.tok.pad_id or 0] * pad + r for pad, r in zip(pads, rows)], device=dev)
         ragged = any(pads)
         mask = positions = valid = None
+        slots = torch.arange(size, device=dev)
         if ragged:
             pad_t = torch.tensor(pads, device=dev)
-            slots = torch.arange(size, device=dev)
             valid = slots[None, :] >= pad_t[:, None]  # (B, S): slot holds a real token
             positions = (torch.arange(L, device=dev)[None, :] - pad_t[:, None]).clamp(min=0)  # (B, L)
             causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
@@ -267,7 +264,6 @@ class Engine:
             for i, r in enumerate(rows):
                 counts[i].index_add_(0, torch.tensor(r, device=dev), torch.ones(len(r), device=dev, dtype=torch.int32))
         self._last_rows = [[] for _ in range(B)]
-        all_slots = torch.arange(size, device=dev)
         for step in range(max_new):
             if penalties:
                 logits = S.repetition_penalty(logits, counts > 0, p.repetition_penalty)
@@ -289,8 +285,8 @@ class Engine:
                 break
             pos = L + step
             if self._compiled is not None:
-                seen = all_slots <= pos  # (S_max,)
-                step_mask = (valid[:, :size] & seen)[:, None, None] if ragged else seen.expand(B, 1, 1, size)
+                seen = slots <= pos  # (S_max,)
+                step_mask = (valid & seen)[:, None, None] if ragged else seen.expand(B, 1, 1, size)
                 step_pos = (pos - pad_t)[:, None] if ragged else torch.full((B, 1), pos, device=dev)
                 logits = self._compiled(nxt[:, None], cache, torch.tensor([pos], device=dev), step_mask, step_pos)
                 continue
