@@ -3,9 +3,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmgen.config import build_config
-from llmgen.model.transformer import KVCache, Transformer, apply_rope, ffn_hidden, rope_tables
+from llmgen.model.transformer import (KVCache, Transformer, _LinearCrossEntropy, apply_rope, ffn_hidden,
+                                      linear_cross_entropy, rope_tables)
 
 
 def make(arch="llama", **kw):
@@ -18,9 +20,46 @@ def make(arch="llama", **kw):
 def test_shapes_and_loss(arch):
     m = make(arch)
     idx = torch.randint(0, 97, (3, 20))
-    logits, loss = m(idx, targets=torch.randint(0, 97, (3, 20)))
+    with torch.no_grad():
+        logits, loss = m(idx, targets=torch.randint(0, 97, (3, 20)))
     assert logits.shape == (3, 20, 97)
     assert abs(loss.item() - math.log(97)) < 0.3  # fresh init predicts ~uniformly
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_loss_and_gradients_match_plain_cross_entropy(arch):
+    # with gradients on, the loss is computed chunk by chunk without logits (linear_cross_entropy)
+    m = make(arch, d_model=64, n_head=4, n_kv_head=2)
+    idx = torch.randint(0, 97, (3, 20))
+    targets = torch.randint(0, 97, (3, 20))
+    targets[0, :5] = -100  # ignored positions (prompt tokens in finetuning)
+    logits, loss = m(idx, targets=targets)
+    assert logits is None
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    plain = F.cross_entropy(m(idx)[0].view(-1, 97), targets.view(-1), ignore_index=-100)
+    plain.backward()
+    assert abs(loss.item() - plain.item()) < 1e-5
+    for n, p in m.named_parameters():
+        assert torch.allclose(fused[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_linear_cross_entropy_chunks_and_scales_like_the_reference():
+    torch.manual_seed(0)
+    h = torch.randn(50, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    t = torch.randint(0, 11, (50,))
+    t[::3] = -100
+    loss = _LinearCrossEntropy.apply(h, w, t, 7)  # 7 rows per chunk: uneven last chunk
+    (2.5 * loss).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    (2.5 * ref).backward()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
+    assert linear_cross_entropy(h, w, torch.full((50,), -100)).item() == 0.0  # nothing to predict
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

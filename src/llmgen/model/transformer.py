@@ -112,9 +112,9 @@ class Attention(nn.Module):
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv, self.hs
-        if self.wqkv is not None and not torch.is_grad_enabled():  # fused weights carry no gradients
-            w, b = self.wqkv
-            qkv = F.linear(x, w, b).view(B, T, nh + 2 * nkv, hs)
+        wb = self.wqkv if self.wqkv is not None and not torch.is_grad_enabled() else _joined((self.wq, self.wk, self.wv))
+        if wb is not None:  # one matmul for q, k and v
+            qkv = F.linear(x, *wb).view(B, T, nh + 2 * nkv, hs)
             if self.use_rope:  # rotate q and k together
                 qk = apply_rope(qkv[:, :, :nh + nkv], *rope)
                 q, k = qk.split([nh, nkv], dim=2)
@@ -161,6 +161,16 @@ class Attention(nn.Module):
         return self.resid_drop(self.wo(y))
 
 
+def _joined(lins) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The Linear layers' weights (and biases) concatenated, for one matmul with gradients flowing
+    back to each layer (the copy is small next to the activations); None when a layer is wrapped
+    (LoRA, int8), which then runs on its own."""
+    if any(type(m) is not nn.Linear for m in lins):
+        return None
+    b = torch.cat([m.bias for m in lins]) if lins[0].bias is not None else None
+    return torch.cat([m.weight for m in lins]), b
+
+
 def _fuse_linears(lins) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One weight (and bias) holding the given Linear layers' rows, which become views of it."""
     w = torch.cat([m.weight.detach() for m in lins])
@@ -195,14 +205,72 @@ class MLP(nn.Module):
         return self.w13 is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, *self.w13).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.gated:
-            h = F.silu(self.w1(x)) * self.w3(x)  # SwiGLU
+        if self.gated:  # SwiGLU, gate and up as one matmul where the layers allow
+            wb = self.w13 if self.w13 is not None and not torch.is_grad_enabled() else _joined((self.w1, self.w3))
+            if wb is not None:
+                gate, up = F.linear(x, *wb).chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.silu(self.w1(x)) * self.w3(x)
         else:
             h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's GELU
         return self.drop(self.w2(h))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against targets without the (N, V) logits in memory.
+
+    Rows are taken a chunk at a time; each chunk's logits give its loss and, right away, its
+    gradients (softmax - one-hot), which are folded into dL/dh and dL/dweight while the chunk is
+    still in cache. Backward only scales them. Same maths and FLOPs as linear + F.cross_entropy,
+    a fraction of the memory traffic (the vocabulary projection dominates small models' steps)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows):
+        dev = h.device.type
+        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        valid = targets != -100
+        scale = 1.0 / valid.sum().clamp_min(1).float()
+        tgt = torch.where(valid, targets, 0)
+        weights = (valid.float() * scale).unsqueeze(1)  # (N, 1): each row's share of the mean
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight.to(mm)
+        with torch.autocast(dev, enabled=False):
+            for s in range(0, h.shape[0], rows):
+                hc, tc = h[s:s + rows].to(mm), tgt[s:s + rows, None]
+                logits = (hc @ w.t()).float()  # (rows, V)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                total += ((lse - logits.gather(1, tc)) * weights[s:s + rows]).sum()
+                g = logits.sub_(lse).exp_()  # softmax, in place
+                g.scatter_add_(1, tc, g.new_full(tc.shape, -1.0)).mul_(weights[s:s + rows])
+                g = g.to(mm)
+                if need_h:
+                    grad_h[s:s + rows] = g @ w
+                if need_w:
+                    if mm == torch.float32:
+                        grad_w.addmm_(g.t(), hc)
+                    else:
+                        grad_w += (g.t() @ hc).float()
+        ctx.grads = (grad_h, grad_w.to(weight.dtype) if need_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-100), chunked (see _LinearCrossEntropy).
+    h (N, C), weight (V, C), targets (N,); 0 when no target is valid."""
+    per_row = weight.shape[0] * 4
+    budget = (1 << 28) if h.is_cuda else (1 << 21)  # bytes of fp32 logits per chunk
+    return _LinearCrossEntropy.apply(h, weight, targets, max(16, budget // per_row))
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -280,9 +348,10 @@ class Transformer(nn.Module):
                 cache: Optional[KVCache] = None, pos: int = 0,
                 attn_mask: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, last_only: bool = False
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """idx (B, T) token ids written at cache slots pos..pos+T-1 -> logits (B, T, V), and the mean
-        loss when targets (B, T) are given (positions with target -100 are ignored).
+        loss when targets (B, T) are given (positions with target -100 are ignored). With targets and
+        gradients on (training), the loss comes from `linear_cross_entropy` and logits are None.
 
         By default token t sits at position pos+t. `positions` (B, T) overrides that per row (left-padded
         batches, packed examples that restart at 0); `attn_mask` (B, 1, T, S) bool, True = may attend,
@@ -304,6 +373,10 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, rope, cache, pos, attn_mask)
         x = self.norm_f(x[:, -1:] if last_only else x)
+        if targets is not None and torch.is_grad_enabled() and type(self.lm_head) is nn.Linear \
+                and self.lm_head.bias is None:
+            # training: loss and its gradients chunk by chunk, the logits never materialised
+            return None, linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
