@@ -112,7 +112,7 @@ class Attention(nn.Module):
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv, self.hs
-        wb = self.wqkv if self.wqkv is not None and not torch.is_grad_enabled() else _joined((self.wq, self.wk, self.wv))
+        wb = _joined(self.wqkv, (self.wq, self.wk, self.wv))
         if wb is not None:  # one matmul for q, k and v
             qkv = F.linear(x, *wb).view(B, T, nh + 2 * nkv, hs)
             if self.use_rope:  # rotate q and k together
@@ -161,10 +161,13 @@ class Attention(nn.Module):
         return self.resid_drop(self.wo(y))
 
 
-def _joined(lins) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """The Linear layers' weights (and biases) concatenated, for one matmul with gradients flowing
-    back to each layer (the copy is small next to the activations); None when a layer is wrapped
-    (LoRA, int8), which then runs on its own."""
+def _joined(fused, lins) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Weight (and bias) for projecting through `lins` with one matmul: the fused copy from fuse()
+    when gradients are off, else the layers' weights concatenated (gradients flow back to each;
+    the copy is small next to the activations); None when a layer is wrapped (LoRA, int8), which
+    then runs on its own."""
+    if fused is not None and not torch.is_grad_enabled():
+        return fused
     if any(type(m) is not nn.Linear for m in lins):
         return None
     b = torch.cat([m.bias for m in lins]) if lins[0].bias is not None else None
@@ -206,7 +209,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # SwiGLU, gate and up as one matmul where the layers allow
-            wb = self.w13 if self.w13 is not None and not torch.is_grad_enabled() else _joined((self.w1, self.w3))
+            wb = _joined(self.w13, (self.w1, self.w3))
             if wb is not None:
                 gate, up = F.linear(x, *wb).chunk(2, dim=-1)
                 h = F.silu(gate) * up
