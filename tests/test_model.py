@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llmgen.config import build_config
-from llmgen.model.transformer import (KVCache, Transformer, _LinearCrossEntropy, apply_rope, ffn_hidden,
+from llmgen.model.transformer import (KVCache, Transformer, _LinearCrossEntropy, apply_rope, ffn_hidden, linear,
                                       linear_cross_entropy, rope_tables)
 
 
@@ -144,3 +144,40 @@ def test_ffn_hidden():
     cfg = build_config({"model": {"preset": "small"}}).model
     assert ffn_hidden(cfg) == 1024
     assert ffn_hidden(dataclasses.replace(cfg, arch="gpt2")) == 4 * 384
+
+
+@pytest.mark.parametrize("rows,bias", [(1, False), (8, True), (3, False)])
+def test_split_linear_equals_linear(rows, bias):
+    """The decode-time CPU matmul (column blocks, one per thread, in one bmm) is F.linear."""
+    torch.manual_seed(0)
+    w = torch.randn(1024, 384)
+    b = torch.randn(1024) if bias else None
+    x = torch.randn(1, rows, 384)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            got = linear(x, w.t().contiguous().t(), b)
+        assert got.shape == (1, rows, 1024)
+        assert torch.allclose(got, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_model_matches_unfused():
+    """fuse() (joined projections, column-major weights) changes speed, not logits or cached decoding."""
+    torch.manual_seed(0)
+    cfg = build_config({"model": {"preset": None, "arch": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+                                  "d_model": 256, "max_seq_len": 64, "vocab_size": 1024}}).model
+    plain = Transformer(cfg).eval()
+    fused = Transformer(cfg).eval()
+    fused.load_state_dict(plain.state_dict())
+    fused.fuse()
+    assert fused.blocks[0].mlp.w2.weight.stride(0) == 1  # column-major on the CPU
+    idx = torch.randint(0, 1024, (1, 12))
+    with torch.no_grad():
+        full, _ = plain(idx)
+        cache = KVCache.allocate(cfg, 1, 64)
+        fused(idx[:, :8], cache=cache, pos=0)
+        steps = [fused(idx[:, t:t + 1], cache=cache, pos=t)[0][:, -1] for t in range(8, 12)]
+    assert torch.allclose(torch.stack(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)

@@ -114,7 +114,7 @@ class Attention(nn.Module):
         nh, nkv, hs = self.n_head, self.n_kv, self.hs
         wb = _joined(self.wqkv, (self.wq, self.wk, self.wv))
         if wb is not None:  # one matmul for q, k and v
-            qkv = F.linear(x, *wb).view(B, T, nh + 2 * nkv, hs)
+            qkv = linear(x, *wb).view(B, T, nh + 2 * nkv, hs)
             if self.use_rope:  # rotate q and k together
                 qk = apply_rope(qkv[:, :, :nh + nkv], *rope)
                 q, k = qk.split([nh, nkv], dim=2)
@@ -146,7 +146,7 @@ class Attention(nn.Module):
             # the rep query heads that share a KV head ride in the query-length slot: no K/V copies.
             y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hs), k, v, attn_mask=attn_mask,
                                                dropout_p=drop)  # (B, nkv, rep, hs)
-            return self.resid_drop(self.wo(y.reshape(B, 1, nh * hs)))
+            return self.resid_drop(project(self.wo, y.reshape(B, 1, nh * hs)))
         if nkv != nh:  # grouped-query attention: each KV head serves n_head/n_kv query heads
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(nh // nkv, dim=1)
@@ -158,7 +158,7 @@ class Attention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
-        return self.resid_drop(self.wo(y))
+        return self.resid_drop(project(self.wo, y))
 
 
 def _joined(fused, lins) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -175,8 +175,9 @@ def _joined(fused, lins) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 def _fuse_linears(lins) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One weight (and bias) holding the given Linear layers' rows, which become views of it."""
-    w = torch.cat([m.weight.detach() for m in lins])
+    """One weight (and bias) holding the given Linear layers' rows, which become views of it
+    (column-major on the CPU, see `linear`)."""
+    w = _decode_layout(torch.cat([m.weight.detach() for m in lins]))
     b = torch.cat([m.bias.detach() for m in lins]) if lins[0].bias is not None else None
     row = 0
     for m in lins:
@@ -186,6 +187,35 @@ def _fuse_linears(lins) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
             m.bias.data = b[row:row + n]
         row += n
     return w, b
+
+
+def _decode_layout(w: torch.Tensor) -> torch.Tensor:
+    """On the CPU, the same (out, in) weight stored column-major, i.e. a view of a contiguous (in, out)
+    tensor, for `linear`'s split matrix-vector product; elsewhere unchanged."""
+    return w.t().contiguous().t() if w.device.type == "cpu" else w
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, w, b). When decoding on the CPU (a few rows, no gradients, a column-major weight from
+    `Transformer.fuse`), the weight's columns are cut into one block per thread and multiplied in one
+    bmm: a decoding step is bound by reading the weights, and MKL's matrix-vector product reads them
+    with one core (2.6x slower on 2 cores). Same sums, so the same results."""
+    out, inn = w.shape
+    if w.stride(0) == 1 and out * inn >= 1 << 18 and x.device.type == "cpu" and x.numel() <= 64 * inn \
+            and not torch.is_grad_enabled():  # from 1 MB of fp32 weights; smaller ones stay in cache
+        parts = torch.get_num_threads()
+        if parts > 1 and out % parts == 0:
+            cols = out // parts
+            blocks = w.t().as_strided((parts, inn, cols), (cols, out, 1))  # (parts, in, out/parts) views
+            y = torch.bmm(x.reshape(1, -1, inn).expand(parts, -1, -1), blocks)  # (parts, rows, out/parts)
+            y = y.transpose(0, 1).reshape(*x.shape[:-1], out)
+            return y if b is None else y + b
+    return F.linear(x, w, b)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) through `linear` for a plain Linear; wrapped layers (LoRA, int8) run themselves."""
+    return linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
 
 
 class MLP(nn.Module):
@@ -211,13 +241,13 @@ class MLP(nn.Module):
         if self.gated:  # SwiGLU, gate and up as one matmul where the layers allow
             wb = _joined(self.w13, (self.w1, self.w3))
             if wb is not None:
-                gate, up = F.linear(x, *wb).chunk(2, dim=-1)
+                gate, up = linear(x, *wb).chunk(2, dim=-1)
                 h = F.silu(gate) * up
             else:
                 h = F.silu(self.w1(x)) * self.w3(x)
         else:
             h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's GELU
-        return self.drop(self.w2(h))
+        return self.drop(project(self.w2, h))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -330,10 +360,14 @@ class Transformer(nn.Module):
 
     def fuse(self) -> "Transformer":
         """Inference speed-up: q/k/v and gate/up projections each become one matmul (views, no extra
-        memory). Call after moving the model to its device and dtype; used when gradients are off."""
+        memory), and on the CPU every projection's weight is stored column-major for `linear`. Call
+        after moving the model to its device and dtype; used when gradients are off."""
         for block in self.blocks:
             block.attn.fuse()
             block.mlp.fuse()
+        for layer in [m for b in self.blocks for m in (b.attn.wo, b.mlp.w2)] + [self.lm_head]:
+            if type(layer) is nn.Linear:  # the column-major layout for `linear`
+                layer.weight.data = _decode_layout(layer.weight.data)
         return self
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -380,7 +414,7 @@ class Transformer(nn.Module):
                 and self.lm_head.bias is None:
             # training: loss and its gradients chunk by chunk, the logits never materialised
             return None, linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = project(self.lm_head, x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
