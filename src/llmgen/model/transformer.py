@@ -146,7 +146,7 @@ class Attention(nn.Module):
             # the rep query heads that share a KV head ride in the query-length slot: no K/V copies.
             y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hs), k, v, attn_mask=attn_mask,
                                                dropout_p=drop)  # (B, nkv, rep, hs)
-            return self.resid_drop(project(self.wo, y.reshape(B, 1, nh * hs)))
+            return _drop(self.resid_drop, project(self.wo, y.reshape(B, 1, nh * hs)))
         if nkv != nh:  # grouped-query attention: each KV head serves n_head/n_kv query heads
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(nh // nkv, dim=1)
@@ -158,7 +158,7 @@ class Attention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
-        return self.resid_drop(project(self.wo, y))
+        return _drop(self.resid_drop, project(self.wo, y))
 
 
 def _joined(fused, lins) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -213,6 +213,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
     return F.linear(x, w, b)
 
 
+def _drop(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """Dropout only where it acts (training, p > 0): decoding skips the module calls."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """layer(x) through `linear` for a plain Linear; wrapped layers (LoRA, int8) run themselves."""
     return linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
@@ -247,7 +252,7 @@ class MLP(nn.Module):
                 h = F.silu(self.w1(x)) * self.w3(x)
         else:
             h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's GELU
-        return self.drop(project(self.w2, h))
+        return _drop(self.drop, project(self.w2, h))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -406,7 +411,7 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[pos:pos + T, None], self.rope_sin[pos:pos + T, None])  # (T, 1, hs) each
         else:
             rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))  # (B, T, 1, hs)
-        x = self.drop(x)
+        x = _drop(self.drop, x)
         for block in self.blocks:
             x = block(x, rope, cache, pos, attn_mask)
         x = self.norm_f(x[:, -1:] if last_only else x)
