@@ -146,3 +146,26 @@ def test_safe_parts_encode_like_the_whole():
     assert len(parts) > 10 and "".join(parts) == text
     ids = np.concatenate([np.asarray(tok.encode(p)) for p in parts])
     assert np.array_equal(ids, tok.encode(text))
+
+
+def test_which_tokenizers_cut_safely(tmp_path):
+    """prepare cuts long texts into parts only for tokenizers where parts encode like the whole."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from llmgen.data.tokenizer import Tokenizer, bytes_tokenizer, train_bpe
+
+    ours = train_bpe(["the cat sat on the mat. " * 200], 300)
+    ours.save(tmp_path / "ours")
+    (tmp_path / "ours" / "tokenizer_config.json").unlink()  # loads as a plain pretrained tokenizer.json
+    assert ours.cuts_safely and Tokenizer.load(tmp_path / "ours").cuts_safely
+    assert not bytes_tokenizer().cuts_safely
+
+    def pretrained(pre):
+        hf = HFTokenizer(models.BPE(vocab={"a": 0, "<|endoftext|>": 1}, merges=[]))
+        hf.pre_tokenizer = pre
+        return Tokenizer(hf, kind="pretrained")
+
+    assert pretrained(pre_tokenizers.ByteLevel(add_prefix_space=False)).cuts_safely
+    assert not pretrained(pre_tokenizers.ByteLevel(add_prefix_space=True)).cuts_safely  # a prefix space per part
+    assert not pretrained(pre_tokenizers.Metaspace()).cuts_safely  # SentencePiece-style

@@ -176,7 +176,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
             nonlocal blank
             blank = blank and all(not text.strip() for _, text, _ in batch)
             texts = [text for _, text, _ in batch]
-            if cfg.tokenizer.type == "bpe":  # our byte-level BPE: parts encode exactly like the whole
+            if tok.cuts_safely:  # byte-level BPE: parts encode exactly like the whole
                 parts = [split_safely(t, PART_CHARS) for t in texts]
                 flat = tok.encode_batch([x for ps in parts for x in ps])
                 encoded, at = [], 0

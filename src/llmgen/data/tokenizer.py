@@ -93,6 +93,18 @@ class Tokenizer:
             self._specials_pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")" if names else "(?!)")
         return self._specials_pattern
 
+    @property
+    def cuts_safely(self) -> bool:
+        """Whether text cut where `sources.split_safely` cuts (whitespace after a visible character)
+        encodes to the same ids as the whole: true for a GPT-2-style byte-level BPE (ours, GPT-2's),
+        whose pre-tokenizer splits there anyway; false for anything that normalises or adds prefix
+        spaces (SentencePiece-style tokenizers), so those are encoded whole."""
+        pre = self.tok.pre_tokenizer
+        if self.kind == "bytes" or self.tok.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel):
+            return False
+        added = (t.content for t in self.tok.get_added_tokens_decoder().values() if not t.special)
+        return pre.use_regex and not pre.add_prefix_space and not any(re.search(r"\s", a) for a in added)
+
     def token_id(self, token: str) -> Optional[int]:
         return self.tok.token_to_id(token)
 
