@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -168,42 +169,50 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         writers = {s: ShardWriter(tmp / f"{s}.bin", dtype) for s in ("train", "val")}
         eot = np.array([tok.eot_id])
         total = corpus.total_bytes()
-        batch: list[tuple[str, str, bool]] = []
-        chars = 0
         blank = True  # no visible text seen yet
 
-        def flush() -> None:
+        def encode(batch: list[tuple[str, str, bool]]) -> tuple[list, list[np.ndarray]]:
+            texts = [text for _, text, _ in batch]
+            if not tok.cuts_safely:
+                return batch, tok.encode_batch(texts)
+            parts = [split_safely(t, PART_CHARS) for t in texts]  # parts encode exactly like the whole
+            flat = tok.encode_batch([x for ps in parts for x in ps])
+            encoded, at = [], 0
+            for ps in parts:
+                encoded.append(np.concatenate(flat[at:at + len(ps)]) if len(ps) > 1 else flat[at])
+                at += len(ps)
+            return batch, encoded
+
+        def write(batch: list[tuple[str, str, bool]], encoded: list[np.ndarray]) -> None:
             nonlocal blank
             blank = blank and all(not text.strip() for _, text, _ in batch)
-            texts = [text for _, text, _ in batch]
-            if tok.cuts_safely:  # byte-level BPE: parts encode exactly like the whole
-                parts = [split_safely(t, PART_CHARS) for t in texts]
-                flat = tok.encode_batch([x for ps in parts for x in ps])
-                encoded, at = [], 0
-                for ps in parts:
-                    encoded.append(np.concatenate(flat[at:at + len(ps)]) if len(ps) > 1 else flat[at])
-                    at += len(ps)
-            else:
-                encoded = tok.encode_batch(texts)
             for (split, text, end), ids in zip(batch, encoded):
                 w = writers[split]
                 w.write(ids)
-                w.bytes += len(text.encode("utf-8"))
+                nbytes = len(text.encode("utf-8"))
+                w.bytes += nbytes
+                bar.advance(nbytes)
                 if end:
                     w.write(eot)
                     w.documents += 1
 
-        with ui.progress("encoding", total) as bar:
+        # One batch encodes (on every core, outside the GIL) while this thread reads the next and
+        # writes the previous one, in order.
+        with ui.progress("encoding", total) as bar, ThreadPoolExecutor(1) as pool:
+            batch: list[tuple[str, str, bool]] = []
+            chars, pending = 0, None
             for item in _tagged_pieces(corpus, cfg.data.val_fraction):
                 batch.append(item)
                 chars += len(item[1])
                 if chars >= BATCH_CHARS or len(batch) >= 4096:
-                    flush()
-                    bar.advance(sum(len(t.encode("utf-8")) for _, t, _ in batch))
-                    batch, chars = [], 0
+                    job = pool.submit(encode, batch)
+                    if pending is not None:
+                        write(*pending.result())
+                    pending, batch, chars = job, [], 0
+            if pending is not None:
+                write(*pending.result())
             if batch:
-                flush()
-                bar.advance(sum(len(t.encode("utf-8")) for _, t, _ in batch))
+                write(*encode(batch))
         for w in writers.values():
             w.close()
         tr, va = writers["train"], writers["val"]
