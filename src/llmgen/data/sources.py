@@ -45,7 +45,7 @@ _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
 
 def _safe_cut(text: str) -> int:
     """Index of the last place where text can be cut without changing BPE pre-tokens (0 = none)."""
-    start = max(0, len(text) - 65536)
+    start = max(0, len(text) - 4096)  # a cut is almost always in the last few lines
     while True:
         last = 0
         for m in _SAFE_CUT.finditer(text, start):
