@@ -104,8 +104,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="second batch size (aggregate tokens/s)")
     ap.add_argument("--smollm2-gguf", default=None)
-    ap.add_argument("--variant", choices=["int8", "compile"], default="int8",
-                    help="the second llmgen engine: int8 weights or a torch.compile'd decode step")
+    ap.add_argument("--variant", choices=["int8", "compile", "none"], default="int8",
+                    help="the second llmgen engine: int8 weights, a torch.compile'd decode step, or none")
     ap.add_argument("--out", default="bench_out/generate.json")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -123,10 +123,11 @@ def main() -> None:
             engine = Engine(lm.model, lm.tokenizer, device="cpu")
             lm8 = load_model(str(folder))  # the second engine: int8 weights, or the compiled decode step
             engine8 = Engine(lm8.model, lm8.tokenizer, device="cpu", quantize="int8" if args.variant == "int8" else None,
-                             compile=args.variant == "compile")
+                             compile=args.variant == "compile") if args.variant != "none" else None
             text = (SHARED / "wizard_of_oz.txt").read_text()[:4000] if (SHARED / "wizard_of_oz.txt").is_file() else "the cat sat " * 300
             ids = torch.tensor([lm.tokenizer.encode(text)[:min(256, lm.model.cfg.max_seq_len)]])
-            ppl32, ppl8 = ppl(engine.model, ids), ppl(engine8.model, ids)
+            ppl32 = ppl(engine.model, ids)
+            ppl8 = ppl(engine8.model, ids) if engine8 else float("nan")
             hf = AutoModelForCausalLM.from_pretrained(export_hf(str(folder), work / "hf"), dtype=torch.float32).eval()
             prompt = list(range(3, 19))  # 16 prompt tokens
             n_params = engine.n_params
@@ -134,10 +135,10 @@ def main() -> None:
             for batch in sorted({1, args.batch}):
                 prompts = [prompt] * batch
                 ours, ours8, theirs = [], [], []
-                time_ours(engine, prompts, 8), time_ours(engine8, prompts, 8), time_hf(hf, prompts, 8)  # warm-up
+                time_ours(engine, prompts, 8), engine8 and time_ours(engine8, prompts, 8), time_hf(hf, prompts, 8)  # warm-up
                 for _ in range(args.rounds):
                     ours.append(time_ours(engine, prompts, args.new_tokens))
-                    ours8.append(time_ours(engine8, prompts, args.new_tokens))
+                    ours8.append(time_ours(engine8, prompts, args.new_tokens) if engine8 else float("nan"))
                     theirs.append(time_hf(hf, prompts, args.new_tokens))
                 o, o8, t = statistics.median(ours), statistics.median(ours8), statistics.median(theirs)
                 limit = bw / weight_bytes * batch

@@ -148,7 +148,8 @@ def test_ffn_hidden():
 
 @pytest.mark.parametrize("rows,bias", [(1, False), (8, True), (3, False)])
 def test_split_linear_equals_linear(rows, bias):
-    """The decode-time CPU matmul (column blocks, one per thread, in one bmm) is F.linear."""
+    """The decode-time CPU matmul (a block of input features per thread, in one bmm, partial sums added)
+    is F.linear."""
     torch.manual_seed(0)
     w = torch.randn(1024, 384)
     b = torch.randn(1024) if bias else None
