@@ -105,8 +105,10 @@ class Engine:
             model.fuse()
         self.quantize = quantize
         # torch.compile of the one-token decode step over a fixed-size cache (compiled once per batch
-        # size and cache bucket; the first generation pays the compile time)
-        self._compiled = torch.compile(self._logits, dynamic=False) if compile else None
+        # size and cache bucket; the first generation pays the compile time). On the CPU the graph is
+        # called through inductor's C++ wrapper: per-call Python overhead is what a small step costs.
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        self._compiled = torch.compile(self._logits, dynamic=False, options=options) if compile else None
         self.dtype = dtype
         self.tok = tokenizer
         self.fmt = fmt
