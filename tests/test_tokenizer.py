@@ -66,3 +66,13 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(LlmgenError, match="not a valid tokenizers file"):
         Tokenizer.load(tmp_path)
+
+
+def test_batch_encoding_equals_single_encoding(oz):
+    """prepare's batched ids-only encoding gives exactly `encode`'s ids (a literal end-of-text in the
+    data stays text in both)."""
+    tok = train_bpe([oz[:200000]], vocab_size=1000)
+    texts = [oz[:50000], oz[50000:120000] + EOT + " after", "", "short"]
+    batched = tok.encode_batch(texts)
+    assert [b.tolist() for b in batched] == [tok.encode(t) for t in texts]
+    assert tok.eot_id not in batched[1].tolist()
