@@ -146,23 +146,28 @@ def test_ffn_hidden():
     assert ffn_hidden(dataclasses.replace(cfg, arch="gpt2")) == 4 * 384
 
 
-@pytest.mark.parametrize("rows,bias", [(1, False), (8, True), (3, False)])
-def test_split_linear_equals_linear(rows, bias):
+@pytest.mark.parametrize("rows,bias,inn,threads", [(1, False, 384, 2), (8, True, 384, 2), (3, False, 384, 2),
+                                                     (1, False, 1000, 3)])
+def test_split_linear_equals_linear(rows, bias, inn, threads, monkeypatch):
     """The decode-time CPU matmul (a block of input features per thread, in one bmm, partial sums added)
-    is F.linear."""
+    is F.linear, also when the thread count does not divide the features."""
     torch.manual_seed(0)
-    w = torch.randn(1024, 384)
+    w = torch.randn(1024, inn)
     b = torch.randn(1024) if bias else None
-    x = torch.randn(1, rows, 384)
-    threads = torch.get_num_threads()
+    x = torch.randn(1, rows, inn)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, c: calls.append(a.shape[0]) or bmm(a, c))
+    saved = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         with torch.no_grad():
             got = linear(x, w.t().contiguous().t(), b)
+        assert calls == [threads if inn % threads == 0 else 2]  # the split path ran, one block per thread
         assert got.shape == (1, rows, 1024)
         assert torch.allclose(got, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
 
 
 def test_fused_model_matches_unfused():

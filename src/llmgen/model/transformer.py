@@ -205,7 +205,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
     if w.stride(0) == 1 and out * inn >= 1 << 18 and x.device.type == "cpu" and x.numel() <= 64 * inn \
             and not torch.is_grad_enabled():  # from 1 MB of fp32 weights; smaller ones stay in cache
         parts = torch.get_num_threads()
-        if parts > 1 and inn % parts == 0:
+        while inn % parts:  # as many equal blocks as threads, or the nearest count below that divides
+            parts -= 1
+        if parts > 1:
             k = inn // parts
             xs = x.reshape(-1, parts, k).transpose(0, 1)  # (parts, rows, in/parts)
             y = torch.bmm(xs, w.t().view(parts, k, out)).sum(0)  # (rows, out)
