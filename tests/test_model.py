@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llmgen.config import build_config
+from llmgen.model import transformer
 from llmgen.model.transformer import (KVCache, Transformer, _LinearCrossEntropy, apply_rope, ffn_hidden, linear,
                                       linear_cross_entropy, rope_tables)
 
@@ -170,8 +171,11 @@ def test_split_linear_equals_linear(rows, bias, inn, threads, monkeypatch):
         torch.set_num_threads(saved)
 
 
-def test_fused_model_matches_unfused():
-    """fuse() (joined projections, column-major weights) changes speed, not logits or cached decoding."""
+@pytest.mark.parametrize("split", [True, False])
+def test_fused_model_matches_unfused(split, monkeypatch):
+    """fuse() (joined projections; column-major weights where the split product pays) changes speed,
+    not logits or cached decoding."""
+    monkeypatch.setattr(transformer, "split_pays", lambda: split)
     torch.manual_seed(0)
     cfg = build_config({"model": {"preset": None, "arch": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2,
                                   "d_model": 256, "max_seq_len": 64, "vocab_size": 1024}}).model
@@ -179,7 +183,7 @@ def test_fused_model_matches_unfused():
     fused = Transformer(cfg).eval()
     fused.load_state_dict(plain.state_dict())
     fused.fuse()
-    assert fused.blocks[0].mlp.w2.weight.stride(0) == 1  # column-major on the CPU
+    assert (fused.blocks[0].mlp.w2.weight.stride(0) == 1) == split  # column-major only for the split
     idx = torch.randint(0, 1024, (1, 12))
     with torch.no_grad():
         full, _ = plain(idx)
@@ -187,3 +191,20 @@ def test_fused_model_matches_unfused():
         fused(idx[:, :8], cache=cache, pos=0)
         steps = [fused(idx[:, t:t + 1], cache=cache, pos=t)[0][:, -1] for t in range(8, 12)]
     assert torch.allclose(torch.stack(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
+
+
+def test_split_pays_probe_keeps_thread_count():
+    """The one-time BLAS probe restores the thread count, and with one thread there is nothing to split."""
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        transformer.split_pays.cache_clear()
+        assert transformer.split_pays() is False
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        transformer.split_pays.cache_clear()
+        assert isinstance(transformer.split_pays(), bool)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+        transformer.split_pays.cache_clear()

@@ -105,10 +105,14 @@ class Engine:
             model.fuse()
         self.quantize = quantize
         # torch.compile of the one-token decode step over a fixed-size cache (compiled once per batch
-        # size and cache bucket; the first generation pays the compile time). On the CPU the graph is
-        # called through inductor's C++ wrapper: per-call Python overhead is what a small step costs.
-        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-        self._compiled = torch.compile(self._logits, dynamic=False, options=options) if compile else None
+        # size and cache bucket; the first generation pays the compile time). Per-call overhead is what
+        # a small step costs, so guards skip the model's attributes (the engine never changes the
+        # model after this point; inputs' shapes and dtypes are still checked), and on the CPU the
+        # graph is called through inductor's C++ wrapper.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if self.device.type == "cpu":
+            options["cpp_wrapper"] = True
+        self._compiled = torch.compile(self._step, dynamic=False, options=options) if compile else None
         self.dtype = dtype
         self.tok = tokenizer
         self.fmt = fmt
@@ -224,6 +228,14 @@ class Engine:
         logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions, last_only=True)
         return logits[:, -1].float()  # (B, V)
 
+    def _step(self, tok, cache, pos, valid, pad) -> torch.Tensor:
+        """One decode step over the whole fixed-size cache (the compiled path): tok (B,) the newest
+        tokens, pos (1,) the slot they go to, valid (B, S) the slots holding real tokens (False for
+        left padding), pad (B,) each row's padding. The mask and positions are made inside the graph."""
+        seen = torch.arange(valid.shape[1], device=pos.device) <= pos  # (S,)
+        mask = (valid & seen)[:, None, None]  # (B, 1, 1, S)
+        return self._logits(tok[:, None], cache, pos, mask, (pos - pad)[:, None])
+
     def _forward(self, idx, cache, pos, mask=None, positions=None) -> torch.Tensor:
         if self.device.type != "cuda":
             return self._logits(idx, cache, pos, mask, positions)
@@ -245,11 +257,10 @@ class Engine:
         pads = [L - len(r) for r in rows]
         idx = torch.tensor([[self.tok.pad_id or 0] * pad + r for pad, r in zip(pads, rows)], device=dev)
         ragged = any(pads)
-        mask = positions = valid = None
-        slots = torch.arange(size, device=dev)
+        mask = positions = None
+        pad_t = torch.tensor(pads, device=dev)
+        valid = torch.arange(size, device=dev)[None, :] >= pad_t[:, None]  # (B, S): slot holds a real token
         if ragged:
-            pad_t = torch.tensor(pads, device=dev)
-            valid = slots[None, :] >= pad_t[:, None]  # (B, S): slot holds a real token
             positions = (torch.arange(L, device=dev)[None, :] - pad_t[:, None]).clamp(min=0)  # (B, L)
             causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
             mask = (causal[None] & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
@@ -287,10 +298,7 @@ class Engine:
                 break
             pos = L + step
             if self._compiled is not None:
-                seen = slots <= pos  # (S_max,)
-                step_mask = (valid & seen)[:, None, None] if ragged else seen.expand(B, 1, 1, size)
-                step_pos = (pos - pad_t)[:, None] if ragged else torch.full((B, 1), pos, device=dev)
-                logits = self._compiled(nxt[:, None], cache, torch.tensor([pos], device=dev), step_mask, step_pos)
+                logits = self._compiled(nxt, cache, torch.tensor([pos], device=dev), valid, pad_t)
                 continue
             step_mask = valid[:, None, None, :pos + 1] if ragged else None
             step_pos = (pos - pad_t)[:, None] if ragged else None
@@ -340,8 +348,7 @@ class Engine:
         cache = KVCache.allocate(self.cfg, nb, L + max_new, self.device, self.dtype)
         t0 = time.perf_counter()
         logits = self._forward(torch.tensor([ids], device=self.device), cache, 0)
-        cache.k[:, 1:, :, :L] = cache.k[:, :1, :, :L]  # every beam starts from the same prefix
-        cache.v[:, 1:, :, :L] = cache.v[:, :1, :, :L]
+        cache.reorder(torch.zeros(nb, dtype=torch.long, device=self.device), L)  # all beams share the prefix
         logits = logits.expand(nb, -1)
         scores = torch.full((nb,), float("-inf"), device=self.device)
         scores[0] = 0.0
@@ -383,8 +390,7 @@ class Engine:
             if not nxt:
                 break
             src = torch.tensor([b for _, b, _ in nxt], device=self.device)
-            cache.k[:, :, :, :L + step] = cache.k[:, src, :, :L + step]
-            cache.v[:, :, :, :L + step] = cache.v[:, src, :, :L + step]
+            cache.reorder(src, L + step)
             beams = [beams[b] + [t] for _, b, t in nxt]
             scores = torch.tensor([s for s, _, _ in nxt], device=self.device)
             self.stats.new_tokens += 1

@@ -14,7 +14,9 @@ on the prompt with `cache=` and `pos=0` (prefill), then on each new token with i
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,17 +66,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, nkv, max_len, hs) each."""
+    """Preallocated keys and values, one (B, nkv, max_len, hs) tensor per layer. Separate tensors, not
+    one (n_layer, ...) block: the compiled decode step then updates each layer's cache in place
+    (a write into a slice of one shared input makes inductor copy the whole block per layer)."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> "KVCache":
         nkv = cfg.n_kv_head or cfg.n_head
         hs = cfg.d_model // cfg.n_head
-        shape = (cfg.n_layer, batch, nkv, max_len, hs)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        shape = (batch, nkv, max_len, hs)
+        return cls(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)] for _ in "kv"))
+
+    def reorder(self, src: torch.Tensor, length: int) -> None:
+        """Row b of every layer's first `length` slots becomes row src[b] (beam search), in place."""
+        for t in (*self.k, *self.v):
+            t[:, :, :length] = t[src, :, :length]
 
 
 class Attention(nn.Module):
@@ -131,14 +140,16 @@ class Attention(nn.Module):
         if cache is not None and isinstance(pos, torch.Tensor):
             # static shapes (the compiled decode step): write slots `pos` (T,), attend over the whole
             # cache; attn_mask hides the slots not written yet
-            cache.k[self.layer, :B].index_copy_(2, pos, k)
-            cache.v[self.layer, :B].index_copy_(2, pos, v)
-            k, v = cache.k[self.layer, :B], cache.v[self.layer, :B]  # (B, nkv, S_max, hs)
+            ck, cv = cache.k[self.layer], cache.v[self.layer]
+            ck.index_copy_(2, pos, k)
+            cv.index_copy_(2, pos, v)
+            k, v = ck, cv  # (B, nkv, S_max, hs)
         elif cache is not None:
-            cache.k[self.layer, :B, :, pos:pos + T] = k
-            cache.v[self.layer, :B, :, pos:pos + T] = v
-            k = cache.k[self.layer, :B, :, :pos + T]  # (B, nkv, S, hs)
-            v = cache.v[self.layer, :B, :, :pos + T]
+            ck, cv = cache.k[self.layer], cache.v[self.layer]
+            ck[:B, :, pos:pos + T] = k
+            cv[:B, :, pos:pos + T] = v
+            k = ck[:B, :, :pos + T]  # (B, nkv, S, hs)
+            v = cv[:B, :, :pos + T]
         drop = self.dropout if self.training else 0.0
         S = k.shape[2]
         if T == 1 and S > 1:
@@ -190,9 +201,37 @@ def _fuse_linears(lins) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
 
 
 def _decode_layout(w: torch.Tensor) -> torch.Tensor:
-    """On the CPU, the same (out, in) weight stored column-major, i.e. a view of a contiguous (in, out)
-    tensor, for `linear`'s split matrix-vector product; elsewhere unchanged."""
-    return w.t().contiguous().t() if w.device.type == "cpu" else w
+    """On a CPU where `linear`'s split product pays (see `split_pays`), the same (out, in) weight stored
+    column-major, i.e. a view of a contiguous (in, out) tensor; elsewhere unchanged."""
+    return w.t().contiguous().t() if w.device.type == "cpu" and split_pays() else w
+
+
+@functools.lru_cache(maxsize=None)
+def split_pays() -> bool:
+    """Whether this CPU's BLAS runs a one-row matrix product on one core (measured once per process):
+    then `linear` splits decoding products across the threads itself. Some BLAS builds thread it
+    (MKL on recent Intel CPUs: 2 threads ~1.9x faster than 1), some do not (the same MKL on AMD: no
+    faster with 2 threads); there the split reads the weights 2.6-3x faster on 2 cores."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return False
+    w, x = torch.randn(2048, 1024), torch.randn(1, 1024)  # 8 MB: past the private caches
+
+    def best(n: int) -> float:
+        torch.set_num_threads(n)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            F.linear(x, w)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    try:
+        with torch.no_grad():
+            one, every = best(1), best(threads)
+    finally:
+        torch.set_num_threads(threads)
+    return every > 0.7 * one  # the other threads did not help
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -203,7 +242,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
     on 2 cores). Equal to F.linear up to float rounding (the sum runs in a different order)."""
     out, inn = w.shape
     if w.stride(0) == 1 and out * inn >= 1 << 18 and x.device.type == "cpu" and x.numel() <= 64 * inn \
-            and not torch.is_grad_enabled():  # from 1 MB of fp32 weights; smaller ones stay in cache
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # from 1 MB of fp32 weights (smaller ones stay in cache); a compiled step keeps BLAS calls
         parts = torch.get_num_threads()
         while inn % parts:  # as many equal blocks as threads, or the nearest count below that divides
             parts -= 1
