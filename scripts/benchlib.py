@@ -8,11 +8,23 @@ import platform
 from pathlib import Path
 
 
+def cpu_name() -> str:
+    """The CPU's model name (benchmark figures depend on it), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def report(out: str, result: dict, header: list[str], lines: list[list]) -> None:
     """Add the machine to `result`, write it to `out` as JSON and print `lines` as a markdown table."""
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", **result}
+    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", **result}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
+    print(f"machine: {result['machine']}")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for cells in lines:

@@ -169,3 +169,11 @@ def test_commands_without_a_model_say_what_to_run_first(cli):
     for args in (["finetune"], ["eval", "--metrics", "bleu"], ["generate", "Once upon a time"], ["chat"], ["export"]):
         code, out, err = cli(*args)
         assert code == 2 and "llmgen pretrain" in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_cli_unknown_option_is_a_usage_error_exit_2(cli):
+    """A mistyped flag is the user's error (exit 2, with click's suggestion), not an internal one."""
+    code, out, err = cli("generate", "--max-new-tokns", "5")
+    assert code == 2, err
+    assert "No such option: --max-new-tokns" in err and "--max-new-tokens" in err
+    assert "internal error" not in err

@@ -364,6 +364,19 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split("\n")).strip()
 
 
+def _click_errors(name: str) -> tuple[type, ...]:
+    """click's exception class `name` and, from typer 0.24 on (which ships its own copy of click),
+    typer's: usage errors raised by either must map to their exit codes, not to 'internal error'."""
+    classes = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = None
+    if vendored is not None and hasattr(vendored, name):
+        classes.append(getattr(vendored, name))
+    return tuple(classes)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: maps errors to exit codes."""
     try:
@@ -371,12 +384,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     except LlmgenError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except (*_click_errors("Exit"), typer.Exit) as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except _click_errors("ClickException") as e:
         e.show()
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_click_errors("Abort"), typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
