@@ -283,7 +283,9 @@ def test_compiled_decode_step_matches_eager():
     eager = Engine(copy.deepcopy(model), tok, device="cpu")
     compiled = Engine(copy.deepcopy(model), tok, device="cpu", compile=True)
     p = GenerateConfig(max_new_tokens=24, temperature=0.0)
-    for prompts in (["Hello there", "A much longer prompt than the first"], ["Once upon a time"]):
+    for prompts in (["Hello there", "A much longer prompt than the first"], ["Once upon a time"], ["Again"]):
         want = [c[0].tokens for c in eager.generate(prompts, p)]
         got = [c[0].tokens for c in compiled.generate(prompts, p)]
         assert got == want
+        # a new batch size compiles (timed apart from decoding); the same shape again reuses the step
+        assert (compiled.stats.compile_s > 0) == (prompts != ["Again"]), compiled.stats

@@ -284,10 +284,12 @@ def generate(
         typer.echo(json.dumps({"model": str(engine.source), "prompt": prompt, "prompt_tokens": st.prompt_tokens,
                                "completions": [{"text": c.text, "finish_reason": c.finish_reason, "new_tokens": len(c.tokens),
                                                 **({"score": c.score} if c.score is not None else {})} for c in comps],
-                               "seconds": round(st.prefill_s + st.decode_s, 4), "tokens_per_s": round(st.tokens_per_s, 1)},
+                               "seconds": round(st.prefill_s + st.decode_s, 4), "tokens_per_s": round(st.tokens_per_s, 1),
+                               "compile_seconds": round(st.compile_s, 4)},
                               ensure_ascii=False))
     else:
-        ui.info(f"{st.new_tokens} tokens in {st.prefill_s + st.decode_s:.2f}s ({st.tokens_per_s:.1f} tokens/s)")
+        compiled = f"; compiling the decode step took {st.compile_s:.1f}s more" if st.compile_s else ""
+        ui.info(f"{st.new_tokens} tokens in {st.prefill_s + st.decode_s:.2f}s ({st.tokens_per_s:.1f} tokens/s{compiled})")
 
 
 @app.command()

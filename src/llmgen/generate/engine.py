@@ -45,6 +45,7 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    compile_s: float = 0.0  # first call of the compiled step for a new shape (not in decode_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -113,6 +114,7 @@ class Engine:
         if self.device.type == "cpu":
             options["cpp_wrapper"] = True
         self._compiled = torch.compile(self._step, dynamic=False, options=options) if compile else None
+        self._compiled_shapes: set[tuple[int, int]] = set()  # (batch, cache size) already compiled
         self.dtype = dtype
         self.tok = tokenizer
         self.fmt = fmt
@@ -292,13 +294,17 @@ class Engine:
             for g, t in zip(self._last_rows, tokens):
                 g.append(t)
             self.stats.new_tokens += B
-            self.stats.decode_s = time.perf_counter() - t0
+            self.stats.decode_s = time.perf_counter() - t0 - self.stats.compile_s
             yield tokens
             if step == max_new - 1:
                 break
             pos = L + step
             if self._compiled is not None:
+                t1, new_shape = time.perf_counter(), (B, size) not in self._compiled_shapes
                 logits = self._compiled(nxt, cache, torch.tensor([pos], device=dev), valid, pad_t)
+                if new_shape:  # this call compiled the step (or loaded it from inductor's cache)
+                    self._compiled_shapes.add((B, size))
+                    self.stats.compile_s += time.perf_counter() - t1
                 continue
             step_mask = valid[:, None, None, :pos + 1] if ragged else None
             step_pos = (pos - pad_t)[:, None] if ragged else None
