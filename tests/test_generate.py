@@ -271,6 +271,39 @@ def test_cli_chat_repl(cli, ckpt, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_compiled_step_runs_split_product_as_one_operator(monkeypatch):
+    """Where the split matrix-vector product pays, the compiled step calls it as the opaque
+    llmgen::split_linear operator (so inductor keeps BLAS calls); its tokens equal the eager engine's."""
+    import copy
+
+    from llmgen.model import transformer
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("the split needs 2 threads")
+    monkeypatch.setattr(transformer, "split_pays", lambda: True)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=8, n_kv_head=4, d_model=512, max_seq_len=128,
+                                    vocab_size=260))  # 512 x 1024 q/k/v weight: 2 MB, past the split threshold
+    tok = bytes_tokenizer()
+    eager = Engine(copy.deepcopy(model), tok, device="cpu")
+    compiled = Engine(copy.deepcopy(model), tok, device="cpu", compile=True)
+    assert compiled.model.blocks[0].attn.wqkv[0].stride(0) == 1  # column-major: the split path is taken
+    p = GenerateConfig(max_new_tokens=12, temperature=0.0)
+    want = [c[0].tokens for c in eager.generate(["Hello there"], p)]
+    got = [c[0].tokens for c in compiled.generate(["Hello there"], p)]  # compiles
+    assert got == want
+    bmm, calls = torch.bmm, []
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or bmm(a, b))
+    again = [c[0].tokens for c in compiled.generate(["Hello there"], p)]  # the compiled step, no recompiling
+    assert again == want and compiled.stats.compile_s == 0
+    m = compiled.model
+    weights = [w for b in m.blocks for w in (b.attn.wqkv[0], b.attn.wo.weight, b.mlp.w13[0], b.mlp.w2.weight)]
+    split = sum(w.numel() >= 1 << 18 for w in weights + [m.lm_head.weight])
+    # the eager prefill and every compiled step (max_new_tokens - 1 of them) ran each split product
+    assert len(calls) == split * p.max_new_tokens and split == 8, (len(calls), split)
+
+
+@pytest.mark.slow
 def test_compiled_decode_step_matches_eager():
     """generate.compile: the torch.compile'd static-shape decode step gives the eager engine's tokens,
     for a ragged batch and a single prompt."""

@@ -110,7 +110,9 @@ class Engine:
         # a small step costs, so guards skip the model's attributes (the engine never changes the
         # model after this point; inputs' shapes and dtypes are still checked), and on the CPU the
         # graph is called through inductor's C++ wrapper.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options = {}
+        if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # torch >= 2.8
+            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         if self.device.type == "cpu":
             options["cpp_wrapper"] = True
         self._compiled = torch.compile(self._step, dynamic=False, options=options) if compile else None

@@ -234,24 +234,38 @@ def split_pays() -> bool:
     return every > 0.7 * one  # the other threads did not help
 
 
+def _split_product(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
+    """x @ w.T for a column-major w, as `parts` blocks of input features (one per thread) in one bmm,
+    partial products summed."""
+    out, inn = w.shape
+    k = inn // parts
+    xs = x.reshape(-1, parts, k).transpose(0, 1)  # (parts, rows, in/parts)
+    return torch.bmm(xs, w.t().view(parts, k, out)).sum(0).view(*x.shape[:-1], out)
+
+
+# The same product as an opaque operator for torch.compile: inductor would otherwise lower the bmm
+# and the sum into its own loops (slower than eager on `small`, measured) instead of calling BLAS.
+_split_op = None
+if hasattr(torch.library, "custom_op"):
+    _split_op = torch.library.custom_op("llmgen::split_linear", _split_product, mutates_args=(),
+                                        schema="(Tensor x, Tensor w, int parts) -> Tensor")
+    _split_op.register_fake(lambda x, w, parts: x.new_empty(*x.shape[:-1], w.shape[0]))
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear(x, w, b). When decoding on the CPU (a few rows, no gradients, a column-major weight from
-    `Transformer.fuse`), each thread multiplies its own contiguous block of the weight's rows (a slice
-    of the input features) in one bmm, and the partial products are summed: a decoding step is bound
-    by reading the weights, and MKL's matrix-vector product reads them with one core (2.6-3x slower
-    on 2 cores). Equal to F.linear up to float rounding (the sum runs in a different order)."""
+    """F.linear(x, w, b). When decoding on the CPU (a few rows, no gradients) with a column-major weight
+    from `Transformer.fuse` (only where `split_pays`), each thread multiplies its own contiguous block
+    of the weight's rows (a slice of the input features) and the partial products are summed. Equal to
+    F.linear up to float rounding (the sum runs in a different order)."""
     out, inn = w.shape
     if w.stride(0) == 1 and out * inn >= 1 << 18 and x.device.type == "cpu" and x.numel() <= 64 * inn \
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # from 1 MB of fp32 weights (smaller ones stay in cache); a compiled step keeps BLAS calls
+            and not torch.is_grad_enabled():  # from 1 MB of fp32 weights; smaller ones stay in cache
         parts = torch.get_num_threads()
         while inn % parts:  # as many equal blocks as threads, or the nearest count below that divides
             parts -= 1
-        if parts > 1:
-            k = inn // parts
-            xs = x.reshape(-1, parts, k).transpose(0, 1)  # (parts, rows, in/parts)
-            y = torch.bmm(xs, w.t().view(parts, k, out)).sum(0)  # (rows, out)
-            y = y.view(*x.shape[:-1], out)
+        compiling = torch.compiler.is_compiling()
+        if parts > 1 and (not compiling or _split_op is not None):
+            y = (_split_op if compiling else _split_product)(x, w, parts)
             return y if b is None else y + b
     return F.linear(x, w, b)
 
