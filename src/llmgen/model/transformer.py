@@ -245,11 +245,9 @@ def _split_product(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor
 
 # The same product as an opaque operator for torch.compile: inductor would otherwise lower the bmm
 # and the sum into its own loops (slower than eager on `small`, measured) instead of calling BLAS.
-_split_op = None
-if hasattr(torch.library, "custom_op"):
-    _split_op = torch.library.custom_op("llmgen::split_linear", _split_product, mutates_args=(),
-                                        schema="(Tensor x, Tensor w, int parts) -> Tensor")
-    _split_op.register_fake(lambda x, w, parts: x.new_empty(*x.shape[:-1], w.shape[0]))
+_split_op = torch.library.custom_op("llmgen::split_linear", _split_product, mutates_args=(),
+                                    schema="(Tensor x, Tensor w, int parts) -> Tensor")
+_split_op.register_fake(lambda x, w, parts: x.new_empty(*x.shape[:-1], w.shape[0]))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -263,9 +261,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
         parts = torch.get_num_threads()
         while inn % parts:  # as many equal blocks as threads, or the nearest count below that divides
             parts -= 1
-        compiling = torch.compiler.is_compiling()
-        if parts > 1 and (not compiling or _split_op is not None):
-            y = (_split_op if compiling else _split_product)(x, w, parts)
+        if parts > 1:
+            y = (_split_op if torch.compiler.is_compiling() else _split_product)(x, w, parts)
             return y if b is None else y + b
     return F.linear(x, w, b)
 
