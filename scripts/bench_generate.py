@@ -7,9 +7,9 @@ in fp32 on the same prompt, alternating rounds, with EOS disabled on both sides 
 produces exactly `--new-tokens` tokens. Ours is `Engine.generate` (prefill + KV-cache decode).
 `smollm2` uses the real SmolLM2-135M-Instruct when `--smollm2-gguf` is given (else its shape,
 random). Batch 8 reports aggregate tokens/s. The bandwidth limit is the measured rate of reading a
-buffer the size of the fp32 weights divided by those bytes (every token reads every weight once). A third engine decodes with int8
-weight-only quantization (`--quantize int8`); its cost is reported as the change in perplexity
-on a fixed text (meaningful for real weights; for random ones it only shows the rounding noise).
+buffer the size of the fp32 weights divided by those bytes (every token reads every weight once).
+A second llmgen engine (`--variant`) decodes with int8 weight-only quantization (`--quantize int8`)
+or the compiled step (`--compile`); its cost is reported as the change in perplexity on a fixed text (meaningful for real weights; for random ones it only shows the rounding noise).
 
     python scripts/bench_generate.py --models tiny,small,smollm2 --new-tokens 200 --rounds 3
 """
@@ -160,6 +160,7 @@ def main() -> None:
     if v != "none":
         header += [f"llmgen {v} tok/s", f"ratio {v}", f"{v} % of limit", f"{v} ppl change"]
     report(args.out, result, header + ["weight read GB/s"], rows)
+
 
 if __name__ == "__main__":
     main()
