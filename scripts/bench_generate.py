@@ -9,7 +9,8 @@ produces exactly `--new-tokens` tokens. Ours is `Engine.generate` (prefill + KV-
 random). Batch 8 reports aggregate tokens/s. The bandwidth limit is the measured rate of reading a
 buffer the size of the fp32 weights divided by those bytes (every token reads every weight once).
 A second llmgen engine (`--variant`) decodes with int8 weight-only quantization (`--quantize int8`)
-or the compiled step (`--compile`); its cost is reported as the change in perplexity on a fixed text (meaningful for real weights; for random ones it only shows the rounding noise).
+or the compiled step (`--compile`); its cost is reported as the change in perplexity on a fixed
+text (meaningful for real weights; for random ones it only shows the rounding noise).
 
     python scripts/bench_generate.py --models tiny,small,smollm2 --new-tokens 200 --rounds 3
 """
