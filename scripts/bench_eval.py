@@ -27,8 +27,9 @@ from benchlib import report
 from llmgen.config import build_config
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.evaluate.perplexity import perplexity
-from llmgen.model.checkpoint import load_model, save_checkpoint
-from llmgen.model.convert import export_hf
+from llmgen.interop.export import export_hf
+from llmgen.interop.load import load_model
+from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
 
 

@@ -31,9 +31,12 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 from llmgen.config import GenerateConfig, ModelConfig, build_config
 from llmgen.data.tokenizer import bytes_tokenizer, train_bpe
 from llmgen.generate.engine import Engine
-from llmgen.model.checkpoint import load_model, save_checkpoint
-from llmgen.model.convert import export_hf, import_model
+from llmgen.interop.export import export_hf
+from llmgen.interop.hf import import_model
+from llmgen.interop.load import load_model
+from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
+from llmgen.train.loss import cross_entropy
 
 SMOLLM2 = dict(preset=None, arch="llama", n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
                max_seq_len=2048, vocab_size=49152, rope_theta=100000.0, tie_embeddings=True)
@@ -84,8 +87,7 @@ def time_ours(engine: Engine, prompts: list[list[int]], n: int) -> float:
 
 
 def ppl(model, ids: torch.Tensor) -> float:
-    logits, loss = model(ids[:, :-1], targets=ids[:, 1:])
-    return float(loss.exp())
+    return float(cross_entropy(model(ids[:, :-1]), ids[:, 1:]).exp())
 
 
 def time_hf(model, prompts: list[list[int]], n: int) -> float:

@@ -4,7 +4,7 @@
 Both sides train a Llama-shaped model of the same size (our `model.preset`, exported as a
 `LlamaForCausalLM` config: same layers, heads, KV heads, MLP width, vocabulary, tied
 embeddings), with AdamW, the same batch size, sequence length and token windows, in fp32, in
-one process, alternating rounds. Ours is the real trainer (`llmgen.train.trainer.train`) with
+one process, alternating rounds. Ours is the real trainer (`llmgen.train.loop.train`) with
 evaluation and checkpoints out of the way; tokens/s is read from its metrics.
 
     python scripts/bench_train.py --presets tiny,small --steps 20 --rounds 3
@@ -26,14 +26,15 @@ import torch
 
 from benchlib import report
 from llmgen.config import build_config
-from llmgen.model.transformer import Transformer, ffn_hidden
-from llmgen.train.trainer import WindowSampler, _matmul_peak_flops, train
+from llmgen.model.transformer import Transformer
+from llmgen.train.distributed import matmul_peak_flops
+from llmgen.train.loop import TrainJob, WindowSampler, train
 
 
 def hf_model(mcfg):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hc = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=ffn_hidden(mcfg),
+    hc = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=mcfg.ffn_hidden,
                      num_hidden_layers=mcfg.n_layer, num_attention_heads=mcfg.n_head,
                      num_key_value_heads=mcfg.n_kv_head or mcfg.n_head, max_position_embeddings=mcfg.max_seq_len,
                      rope_theta=mcfg.rope_theta, rms_norm_eps=mcfg.norm_eps, tie_word_embeddings=mcfg.tie_embeddings,
@@ -70,7 +71,7 @@ def run_ours(preset, vocab, tokens_dir, steps, batch, seq_len, lr, work, compile
     model = Transformer(cfg.model)
     tokens = np.fromfile(tokens_dir, dtype=np.uint16)
     sampler = WindowSampler(tokens, batch, seq_len, 0)
-    train(cfg, model, sampler, {}, Path(work), None, overwrite=True)
+    train(cfg, model, TrainJob("pretrain", sampler, {}, Path(work)), overwrite=True)
     recs = [json.loads(x) for x in (Path(work) / "metrics.jsonl").read_text().splitlines()]
     skip = 3 if compile_ else 1  # the first steps include compilation
     return statistics.median(r["tokens_per_s"] for r in recs[skip:]), model.num_params(), model.flops_per_token(seq_len)
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out/train.json")
     args = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
-    peak = _matmul_peak_flops(torch.device("cpu"))
+    peak = matmul_peak_flops(torch.device("cpu"))
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     rng = np.random.default_rng(0)
     # Zipf-like token stream: realistic enough for throughput, identical for both sides

@@ -11,8 +11,10 @@ import torch
 
 from llmgen.config import GenerateConfig, ModelConfig
 from llmgen.data.tokenizer import bytes_tokenizer
-from llmgen.model.checkpoint import load_model, save_checkpoint
-from llmgen.model.convert import export_hf, import_model
+from llmgen.interop.export import export_hf
+from llmgen.interop.hf import import_model
+from llmgen.interop.load import load_model
+from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
 
 

@@ -67,7 +67,7 @@ def test_sliding_window_perplexity_equals_hand_computation():
     total, n = 0.0, 0
     for begin, end, first in windows(len(ids), 16, 6):
         with torch.no_grad():
-            logp = model(ids[begin:end][None])[0][0].log_softmax(-1)
+            logp = model(ids[begin:end][None])[0].log_softmax(-1)
         for j in range(first, end):
             total -= float(logp[j - begin - 1, ids[j]])
             n += 1

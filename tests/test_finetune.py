@@ -12,7 +12,8 @@ import torch
 from llmgen.config import ModelConfig
 from llmgen.data.instruct import PromptFormat, encode_conversation
 from llmgen.data.tokenizer import Tokenizer, bytes_tokenizer
-from llmgen.model.checkpoint import load_model, read_model_config, save_checkpoint
+from llmgen.interop.load import load_model
+from llmgen.model.checkpoint import read_model_config, save_checkpoint
 from llmgen.model.transformer import Transformer
 from llmgen.train.finetune import SFTBatches, TaskData, encode_examples, pack_row, segment_mask
 from llmgen.train.optim import param_groups
@@ -71,10 +72,10 @@ def test_packing_keeps_examples_apart():
     b = (np.arange(40, 47), np.arange(41, 48))
     ids, tgt, pos, seg = pack_row([a, b], 32, 0)
     with torch.no_grad():
-        packed, _ = model(torch.from_numpy(ids)[None], attn_mask=segment_mask(torch.from_numpy(seg)[None]),
+        packed = model(torch.from_numpy(ids)[None], attn_mask=segment_mask(torch.from_numpy(seg)[None]),
                           positions=torch.from_numpy(pos)[None])
-        alone_a, _ = model(torch.from_numpy(a[0])[None])
-        alone_b, _ = model(torch.from_numpy(b[0])[None])
+        alone_a = model(torch.from_numpy(a[0])[None])
+        alone_b = model(torch.from_numpy(b[0])[None])
     assert torch.allclose(packed[0, :12], alone_a[0], atol=1e-5)
     assert torch.allclose(packed[0, 12:19], alone_b[0], atol=1e-5)
     assert (tgt[19:] == -100).all() and (seg[19:] == -1).all()

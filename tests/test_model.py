@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from llmgen.config import build_config
-from llmgen.model import transformer
-from llmgen.model.transformer import (KVCache, Transformer, _LinearCrossEntropy, apply_rope, ffn_hidden, linear,
-                                      linear_cross_entropy, rope_tables)
+from llmgen.model.kv_cache import KVCache
+from llmgen.model.transformer import Transformer, apply_rope, rope_tables
+from llmgen.train.loss import LanguageModelLoss, _LinearCrossEntropy, cross_entropy, linear_cross_entropy
 
 
 def make(arch="llama", **kw):
@@ -21,9 +21,12 @@ def make(arch="llama", **kw):
 def test_shapes_and_loss(arch):
     m = make(arch)
     idx = torch.randint(0, 97, (3, 20))
+    targets = torch.randint(0, 97, (3, 20))
     with torch.no_grad():
-        logits, loss = m(idx, targets=torch.randint(0, 97, (3, 20)))
-    assert logits.shape == (3, 20, 97)
+        logits = m(idx)
+        loss = LanguageModelLoss(m)(idx, targets)
+    assert logits.shape == (3, 20, 97) and m(idx, hidden=True).shape == (3, 20, m.cfg.d_model)
+    assert torch.allclose(loss, cross_entropy(logits, targets))
     assert abs(loss.item() - math.log(97)) < 0.3  # fresh init predicts ~uniformly
 
 
@@ -34,12 +37,11 @@ def test_training_loss_and_gradients_match_plain_cross_entropy(arch):
     idx = torch.randint(0, 97, (3, 20))
     targets = torch.randint(0, 97, (3, 20))
     targets[0, :5] = -100  # ignored positions (prompt tokens in finetuning)
-    logits, loss = m(idx, targets=targets)
-    assert logits is None
+    loss = LanguageModelLoss(m)(idx, targets)
     loss.backward()
     fused = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    plain = F.cross_entropy(m(idx)[0].view(-1, 97), targets.view(-1), ignore_index=-100)
+    plain = F.cross_entropy(m(idx).view(-1, 97), targets.view(-1), ignore_index=-100)
     plain.backward()
     assert abs(loss.item() - plain.item()) < 1e-5
     for n, p in m.named_parameters():
@@ -69,8 +71,8 @@ def test_causality(arch):
     idx = torch.randint(0, 97, (2, 16))
     changed = idx.clone()
     changed[:, 10:] = (changed[:, 10:] + 1) % 97
-    a, _ = m(idx)
-    b, _ = m(changed)
+    a = m(idx)
+    b = m(changed)
     assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
     assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
 
@@ -103,19 +105,19 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
             sd[k] = heads.repeat_interleave(2, dim=0).reshape(4 * hs, -1)
     mha.load_state_dict(sd)
     idx = torch.randint(0, 97, (2, 12))
-    assert torch.allclose(gqa(idx)[0], mha(idx)[0], atol=1e-5)
+    assert torch.allclose(gqa(idx), mha(idx), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_kv_cache_matches_full_forward(arch):
     m = make(arch)
     idx = torch.randint(0, 97, (2, 24))
-    full, _ = m(idx)
+    full = m(idx)
     cache = KVCache.allocate(m.cfg, batch=2, max_len=64)
     with torch.no_grad():
-        pre, _ = m(idx[:, :10], cache=cache, pos=0)  # prefill
-        chunk, _ = m(idx[:, 10:14], cache=cache, pos=10)  # several new tokens at once
-        steps = [m(idx[:, t:t + 1], cache=cache, pos=t)[0] for t in range(14, 24)]  # one at a time
+        pre = m(idx[:, :10], cache=cache, pos=0)  # prefill
+        chunk = m(idx[:, 10:14], cache=cache, pos=10)  # several new tokens at once
+        steps = [m(idx[:, t:t + 1], cache=cache, pos=t) for t in range(14, 24)]  # one at a time
     inc = torch.cat([pre, chunk, *steps], dim=1)
     assert torch.allclose(inc, full, atol=1e-5)
 
@@ -143,68 +145,6 @@ def test_presets_param_counts():
 
 def test_ffn_hidden():
     cfg = build_config({"model": {"preset": "small"}}).model
-    assert ffn_hidden(cfg) == 1024
-    assert ffn_hidden(dataclasses.replace(cfg, arch="gpt2")) == 4 * 384
-
-
-@pytest.mark.parametrize("rows,bias,inn,threads", [(1, False, 384, 2), (8, True, 384, 2), (3, False, 384, 2),
-                                                     (1, False, 1000, 3)])
-def test_split_linear_equals_linear(rows, bias, inn, threads, monkeypatch):
-    """The decode-time CPU matmul (a block of input features per thread, in one bmm, partial sums added)
-    is F.linear, also when the thread count does not divide the features."""
-    torch.manual_seed(0)
-    w = torch.randn(1024, inn)
-    b = torch.randn(1024) if bias else None
-    x = torch.randn(1, rows, inn)
-    calls = []
-    bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda a, c: calls.append(a.shape[0]) or bmm(a, c))
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            got = linear(x, w.t().contiguous().t(), b)
-        assert calls == [threads if inn % threads == 0 else 2]  # the split path ran, one block per thread
-        assert got.shape == (1, rows, 1024)
-        assert torch.allclose(got, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
-    finally:
-        torch.set_num_threads(saved)
-
-
-@pytest.mark.parametrize("split", [True, False])
-def test_fused_model_matches_unfused(split, monkeypatch):
-    """fuse() (joined projections; column-major weights where the split product pays) changes speed,
-    not logits or cached decoding."""
-    monkeypatch.setattr(transformer, "split_pays", lambda: split)
-    torch.manual_seed(0)
-    cfg = build_config({"model": {"preset": None, "arch": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2,
-                                  "d_model": 256, "max_seq_len": 64, "vocab_size": 1024}}).model
-    plain = Transformer(cfg).eval()
-    fused = Transformer(cfg).eval()
-    fused.load_state_dict(plain.state_dict())
-    fused.fuse()
-    assert (fused.blocks[0].mlp.w2.weight.stride(0) == 1) == split  # column-major only for the split
-    idx = torch.randint(0, 1024, (1, 12))
-    with torch.no_grad():
-        full, _ = plain(idx)
-        cache = KVCache.allocate(cfg, 1, 64)
-        fused(idx[:, :8], cache=cache, pos=0)
-        steps = [fused(idx[:, t:t + 1], cache=cache, pos=t)[0][:, -1] for t in range(8, 12)]
-    assert torch.allclose(torch.stack(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
-
-
-def test_split_pays_probe_keeps_thread_count():
-    """The one-time BLAS probe restores the thread count, and with one thread there is nothing to split."""
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        transformer.split_pays.cache_clear()
-        assert transformer.split_pays() is False
-        assert torch.get_num_threads() == 1
-        torch.set_num_threads(2)
-        transformer.split_pays.cache_clear()
-        assert isinstance(transformer.split_pays(), bool)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(saved)
-        transformer.split_pays.cache_clear()
+    assert cfg.ffn_hidden == 1024
+    assert dataclasses.replace(cfg, arch="gpt2").ffn_hidden == 4 * 384
+    assert dataclasses.replace(cfg, d_ff=100).ffn_hidden == 100

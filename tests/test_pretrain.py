@@ -12,7 +12,8 @@ import torch
 from llmgen.config import load_config
 from llmgen.data.prepare import prepare
 from llmgen.errors import LlmgenError
-from llmgen.model.checkpoint import list_checkpoints, load_model, load_weights, read_model_config
+from llmgen.interop.load import load_model
+from llmgen.model.checkpoint import list_checkpoints, load_weights, read_model_config
 from llmgen.model.transformer import Transformer
 from llmgen.train.optim import lr_at
 from llmgen.train.pretrain import pretrain
@@ -112,14 +113,12 @@ def test_nonfinite_loss_stops_without_checkpoint(prepared, tmp_path):
 def test_skip_nonfinite_counts_and_keeps_weights_finite(prepared, tmp_path):
     """A batch whose loss is NaN is skipped (no update) and counted, with train.skip_nonfinite."""
     from llmgen.data.shards import TokenShards
-    from llmgen.train.trainer import WindowSampler, train
+    from llmgen.train.loop import TrainJob, WindowSampler, train
 
     class Poisoned(Transformer):
-        def forward(self, idx, targets=None, **kw):
-            logits, loss = super().forward(idx, targets, **kw)
-            if targets is not None and bool(idx.eq(7).all()):
-                loss = loss * float("nan")
-            return logits, loss
+        def forward(self, idx, **kw):
+            out = super().forward(idx, **kw)
+            return out * float("nan") if bool(idx.eq(7).all()) else out
 
     shards = TokenShards(prepared)
     cfg = load_config(None, overrides(prepared, tmp_path / "run", "train.max_steps=6", "train.eval_every=100",
@@ -130,14 +129,14 @@ def test_skip_nonfinite_counts_and_keeps_weights_finite(prepared, tmp_path):
         x, y = sampler(step, micro, rank)
         return (torch.full_like(x, 7), y) if step in (2, 4) else (x, y)
 
-    res = train(cfg, Poisoned(cfg.model), batches, {}, prepared, None)
+    res = train(cfg, Poisoned(cfg.model), TrainJob("pretrain", batches, {}, prepared))
     assert res.skipped_steps == 2 and res.step == 6
     model = Transformer(read_model_config(res.final_dir)[0])
     load_weights(model, res.final_dir)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     cfg.train.skip_nonfinite = False
     with pytest.raises(LlmgenError, match="the loss became nan at step 2"):
-        train(cfg, Poisoned(cfg.model), batches, {}, prepared, None, overwrite=True)
+        train(cfg, Poisoned(cfg.model), TrainJob("pretrain", batches, {}, prepared), overwrite=True)
 
 
 def test_lr_schedules():

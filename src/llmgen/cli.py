@@ -6,6 +6,8 @@ Exit codes: 0 success, 2 a user error (one line on stderr: what, where, how to f
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -14,9 +16,18 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from llmgen import __version__
+from llmgen import __version__, ui
 from llmgen.config import Config, load_config
+from llmgen.data.prepare import prepare as run_prepare
 from llmgen.errors import LlmgenError
+from llmgen.evaluate.runner import parse_metrics, run_eval
+from llmgen.generate.chat import ChatSession, repl
+from llmgen.generate.engine import Engine, merged_params
+from llmgen.generate.files import generate_file
+from llmgen.interop.export import export_hf
+from llmgen.interop.hf import import_model
+from llmgen.train.finetune import finetune as run_finetune
+from llmgen.train.pretrain import pretrain as run_pretrain
 
 app = typer.Typer(
     help="llmgen: prepare data, pretrain, finetune, evaluate and generate with decoder-only language models.\n\n"
@@ -50,8 +61,6 @@ def _root(
                                           help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
 ) -> None:
-    from llmgen import ui
-
     _state["debug"] = debug
     ui.set_verbosity(debug)
 
@@ -75,9 +84,6 @@ def prepare(
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
-    from llmgen import ui
-    from llmgen.data.prepare import prepare as run_prepare
-
     res = run_prepare(cfg, force=force)
     m = res.meta
     if res.up_to_date:
@@ -101,14 +107,10 @@ def pretrain(
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
-    from llmgen.train.pretrain import pretrain as run_pretrain
-
     _report_done(run_pretrain(cfg, resume=resume, overwrite=overwrite))
 
 
 def _report_done(res) -> None:
-    from llmgen import ui
-
     if res.interrupted:
         return
     best = f", best val loss {res.best_val_loss:.4f}" if res.best_val_loss is not None else ""
@@ -129,10 +131,6 @@ def finetune(
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
-    import dataclasses
-
-    from llmgen.train.finetune import finetune as run_finetune
-
     if merge:
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, merge=True))
     _report_done(run_finetune(cfg, resume=resume, overwrite=overwrite))
@@ -154,10 +152,6 @@ def _eval(
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
-    import dataclasses
-
-    from llmgen.evaluate.runner import parse_metrics, run_eval
-
     if max_samples:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_samples=max_samples))
     names = parse_metrics(metrics, cfg.eval.metrics)
@@ -171,8 +165,6 @@ def _eval(
 
 def _print_report(report: dict, output: Optional[Path]) -> None:
     from rich.table import Table
-
-    from llmgen import ui
 
     results = report["results"]
     keys = []
@@ -200,8 +192,6 @@ app.command("evaluate", help="Alias of `llmgen eval`.")(_eval)
 
 
 def _gen_params(cfg: Config, **flags):
-    from llmgen.generate.engine import merged_params
-
     return merged_params(cfg.generate, **flags)
 
 
@@ -241,12 +231,6 @@ def generate(
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
-    import json
-
-    from llmgen import ui
-    from llmgen.generate.engine import Engine
-    from llmgen.generate.files import generate_file
-
     p = _gen_params(cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -304,9 +288,6 @@ def chat(
 ) -> None:
     """Multi-turn chat with a model that has a chat template (/reset, /save FILE, /exit)."""
     cfg = _load(config, set_, False)
-    from llmgen.generate.chat import ChatSession, repl
-    from llmgen.generate.engine import Engine
-
     p = _gen_params(cfg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     session = ChatSession(Engine.load(model, cfg.run_dir, quantize=p.quantize), p, system)
 
@@ -335,9 +316,6 @@ def import_(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
 ) -> None:
     """Import a Hugging Face (Llama family, Qwen2, Mistral, GPT-2) or GGUF model as an llmgen checkpoint."""
-    from llmgen import ui
-    from llmgen.model.convert import import_model
-
     folder = import_model(source, output, overwrite)
     ui.info(f"checkpoint ready: {folder} (use it with --model {folder} or finetune.base: {folder})")
 
@@ -351,9 +329,6 @@ def export(
     config: ConfigOpt = None,
 ) -> None:
     """Export a checkpoint (LoRA merged) as a transformers model folder."""
-    from llmgen import ui
-    from llmgen.model.convert import export_hf
-
     if format != "hf":
         raise LlmgenError(f"--format {format!r} is not supported; use --format hf (then llama.cpp's "
                           f"convert_hf_to_gguf.py for GGUF)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from llmgen.atomic import atomic_write_text
 from llmgen.errors import LlmgenError
 
 
@@ -80,6 +82,42 @@ class ModelConfig:
     norm_eps: float = field(default=1e-5, metadata=_rng(gt=0))
     qkv_bias: bool = False  # biases on the q/k/v projections of llama-style models (Qwen2)
     rope_scaling_factor: float = field(default=1.0, metadata=_rng(gt=0))  # linear RoPE position scaling
+
+    # Derived shape and the variant's parts, chosen here once by `arch` (architecture as data):
+    # the network reads these instead of testing the arch name.
+    @property
+    def n_kv(self) -> int:
+        """KV heads: n_kv_head, or n_head when unset (no grouped-query attention)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        """MLP width: d_ff, else 4*C (gpt2) or ~8/3*C rounded up to a multiple of 64 (llama's SwiGLU)."""
+        if self.d_ff:
+            return self.d_ff
+        return 4 * self.d_model if self.arch == "gpt2" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def norm(self) -> str:
+        return "layernorm" if self.arch == "gpt2" else "rmsnorm"
+
+    @property
+    def mlp(self) -> str:
+        return "gelu" if self.arch == "gpt2" else "swiglu"
+
+    @property
+    def positions(self) -> str:
+        """learned absolute position embeddings (gpt2) or rotary embeddings in attention (llama)."""
+        return "learned" if self.arch == "gpt2" else "rope"
+
+    @property
+    def bias(self) -> bool:
+        """Biases on every linear layer but the head (gpt2); llama has none (q/k/v: see qkv_bias)."""
+        return self.arch == "gpt2"
 
 
 @dataclass
@@ -239,11 +277,11 @@ def build_config(raw: dict[str, Any], where: str = "config") -> Config:
         preset = model.get("preset", ModelConfig.preset)
         if preset is not None:
             if preset not in MODEL_PRESETS:
-                raise LlmgenError(f"{where}: model.preset {preset!r} is unknown{_suggest(str(preset), MODEL_PRESETS)}; "
+                raise LlmgenError(f"{where}: model.preset {preset!r} is unknown{suggest(str(preset), MODEL_PRESETS)}; "
                                   f"choose one of {', '.join(MODEL_PRESETS)} or set preset: null and the shape keys")
             model = {**MODEL_PRESETS[preset], **model}
         raw["model"] = model
-    cfg = _to_dataclass(Config, raw, where, prefix="")
+    cfg = to_dataclass(Config, raw, where, prefix="")
     _check_consistency(cfg, where)
     return cfg
 
@@ -299,12 +337,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _suggest(name: str, choices) -> str:
+def suggest(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _to_dataclass(cls: type, raw: Any, where: str, prefix: str) -> Any:
+def to_dataclass(cls: type, raw: Any, where: str, prefix: str) -> Any:
     section = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
         raise LlmgenError(f"{where}: {section} must be a mapping of keys, got {raw!r}")
@@ -313,7 +351,7 @@ def _to_dataclass(cls: type, raw: Any, where: str, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            raise LlmgenError(f"{where}: unknown key {prefix}{key}{_suggest(str(key), fields)}; "
+            raise LlmgenError(f"{where}: unknown key {prefix}{key}{suggest(str(key), fields)}; "
                               f"valid keys in {section}: {', '.join(fields)}")
         f = fields[key]
         kwargs[key] = _coerce(hints[key], value, where, prefix + key, f.metadata)
@@ -377,7 +415,7 @@ def _coerce_inner(tp: Any, value: Any, where: str, key: str) -> Any:
         choices = typing.get_args(tp)
         if value not in choices:
             raise LlmgenError(f"{where}: {key} = {value!r} is not one of {', '.join(map(repr, choices))}"
-                              f"{_suggest(str(value), [str(c) for c in choices])}")
+                              f"{suggest(str(value), [str(c) for c in choices])}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -390,7 +428,7 @@ def _coerce_inner(tp: Any, value: Any, where: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Mismatch
-        return _to_dataclass(tp, value, where, key + ".")
+        return to_dataclass(tp, value, where, key + ".")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -421,6 +459,4 @@ def _coerce_inner(tp: Any, value: Any, where: str, key: str) -> Any:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from llmgen.atomic import atomic_write_text
-
     atomic_write_text(path, cfg.to_yaml())

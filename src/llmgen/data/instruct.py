@@ -18,7 +18,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from llmgen.data.demo import iter_instructions
 from llmgen.errors import LlmgenError
+from llmgen.hub import require_hub
 
 TEMPLATE_NAMES = ("alpaca", "chatml", "plain")
 FORMATS = ("text", "alpaca", "chat", "prompt_completion")
@@ -204,15 +206,11 @@ def iter_records(source: str, seed: int = 1337, n_builtin: int = 2000, split: st
                  text_field: str = "text") -> Iterator[tuple[Any, str]]:
     """(record, where) pairs from a .jsonl/.json/.parquet/.csv file, `hf:<name>` or `builtin:instructions`."""
     if source.startswith("builtin:instructions"):
-        from llmgen.data.demo import iter_instructions
-
         part = "eval" if source.endswith(":eval") else "train"
         for i, rec in enumerate(iter_instructions(n_builtin if part == "train" else 200, seed, part)):
             yield rec, f"{source}#{i}"
         return
     if source.startswith("hf:"):
-        from llmgen.hub import require_hub
-
         require_hub(source)
         import datasets
 

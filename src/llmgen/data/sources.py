@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from llmgen.config import DataConfig
+from llmgen.data import demo
 from llmgen.errors import LlmgenError
+from llmgen.hub import require_hub
 
 FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 CHUNK_BYTES = 4 << 20
@@ -269,8 +271,6 @@ class Corpus:
         c = self.cfg
         errors = "strict" if c.on_decode_error == "error" else "replace"
         if kind == "builtin":
-            from llmgen.data import demo
-
             if payload == "builtin:stories":
                 texts = demo.iter_stories(c.builtin_documents, c.seed)
             else:
@@ -311,8 +311,6 @@ class Corpus:
 def _hub_texts(name: str, c: DataConfig) -> Iterator[str]:
     """Texts of an HF hub dataset `name[:config]` through `datasets.load_dataset`."""
     import datasets
-
-    from llmgen.hub import require_hub
 
     require_hub(f"data.source hf:{name}")
     repo, _, subset = name.partition(":")

@@ -1,6 +1,5 @@
 """BLEU, chrF (sacrebleu) and ROUGE (rouge-score) as `evaluate` modules that work offline.
 
-    from llmgen.evaluate.metrics import load_metric
     load_metric("bleu").compute(predictions=[...], references=[[...], ...])
 
 Each returns the corpus score(s) plus `per_example` scores; `hf:<name>` loads any metric from
@@ -15,6 +14,8 @@ import datasets
 import evaluate
 
 from llmgen.errors import LlmgenError
+from llmgen.config import suggest
+from llmgen.hub import require_hub
 
 _FEATURES = [
     datasets.Features({"predictions": datasets.Value("string"),
@@ -112,11 +113,7 @@ def load_metric(name: str) -> evaluate.Metric:
     if name in LOCAL:
         return LOCAL[name]()
     if name.startswith("hf:"):
-        from llmgen.hub import require_hub
-
         require_hub(name)
         return evaluate.load(name[3:])
-    from llmgen.config import _suggest
-
-    raise LlmgenError(f"unknown metric {name!r}{_suggest(name, ALL_METRICS)}; available: {', '.join(ALL_METRICS)}, "
+    raise LlmgenError(f"unknown metric {name!r}{suggest(name, ALL_METRICS)}; available: {', '.join(ALL_METRICS)}, "
                       f"or hf:<name> for an evaluate hub metric")

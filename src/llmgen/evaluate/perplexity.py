@@ -9,6 +9,7 @@ scored exactly once, so the result is a true token-weighted average.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,8 +26,6 @@ class PerplexityResult:
     bits_per_byte: Optional[float]
     seconds: float = 0.0
 
-    def as_dict(self) -> dict:
-        return {"ppl": self.ppl, "loss": self.loss, "bits_per_byte": self.bits_per_byte, "tokens": self.tokens}
 
 
 def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -44,8 +43,6 @@ def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
 @torch.inference_mode()
 def perplexity(model, ids: np.ndarray, n_bytes: Optional[int] = None, stride: Optional[int] = None,
                max_len: Optional[int] = None, batch_size: int = 8, device=None, progress=None) -> PerplexityResult:
-    import time
-
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -66,10 +63,9 @@ def perplexity(model, ids: np.ndarray, n_bytes: Optional[int] = None, stride: Op
                 # logits at local position k predict token b + k + 1; score tokens first..e-1
                 k0 = first - b - 1
                 targets[r, k0:e - b - 1] = x[r, k0 + 1:]
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-            nll += float(loss)
+            logits = model(x)  # (B, T, V)
+            nll += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                         ignore_index=-100, reduction="sum"))
             count += int((targets != -100).sum())
             if progress is not None:
                 progress(len(chunk))

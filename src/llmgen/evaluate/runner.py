@@ -18,8 +18,13 @@ import numpy as np
 from llmgen import __version__, ui
 from llmgen.atomic import atomic_write_text
 from llmgen.config import Config
+from llmgen.data.instruct import iter_records, prompt_reference_pairs
+from llmgen.data.shards import TokenShards
+from llmgen.data.sources import Corpus
 from llmgen.errors import LlmgenError
 from llmgen.evaluate.metrics import ALL_METRICS, load_metric
+from llmgen.evaluate.perplexity import perplexity, windows
+from llmgen.generate.engine import Engine
 
 GEN_METRICS = ("bleu", "chrf", "rouge")
 DEFAULT_PAIRS = "builtin:instructions:eval"
@@ -50,8 +55,6 @@ def _versions() -> dict[str, str]:
 
 def ppl_tokens(cfg: Config, tok, data: Optional[str]) -> tuple[np.ndarray, Optional[int], str, str]:
     """(token ids, bytes of text, description, sha256) of the perplexity data for this tokenizer."""
-    from llmgen.data.shards import TokenShards
-
     source = data or cfg.eval.data
     if source is None or (Path(source).is_dir() and (Path(source) / "meta.json").is_file()):
         shards = TokenShards(source or cfg.data.prepared_dir)
@@ -65,16 +68,12 @@ def ppl_tokens(cfg: Config, tok, data: Optional[str]) -> tuple[np.ndarray, Optio
     texts: list[str] = []
     path = Path(source)
     if path.suffix == ".jsonl" and path.is_file():
-        from llmgen.data.instruct import iter_records
-
         for rec, where in iter_records(str(path)):
             field = cfg.data.text_field
             if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
                 raise LlmgenError(f"{where}: missing field `{field}` (text for perplexity); set data.text_field")
             texts.append(rec[field])
     else:  # any data.source form: .txt/.json/.parquet/.csv files, folders, globs, hf:<name>, builtin:stories
-        from llmgen.data.sources import Corpus
-
         dc = dataclasses.replace(cfg.data, source=source,
                                  builtin_documents=200 if source.startswith("builtin:") else cfg.data.builtin_documents,
                                  seed=cfg.data.seed + 99 if source.startswith("builtin:") else cfg.data.seed)
@@ -147,9 +146,6 @@ def score(metrics: list[str], preds: list[str], refs: list[list[str]], cfg: Conf
 
 def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Optional[str],
                preds_file: Optional[Path] = None) -> dict[str, Any]:
-    from llmgen.data.instruct import prompt_reference_pairs
-    from llmgen.generate.engine import Engine
-
     entry: dict[str, Any] = {"scores": {}, "config": {}}
     gen_metrics = [m for m in metrics if m != "ppl"]
     if preds_file is not None and "ppl" not in metrics:
@@ -165,8 +161,6 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
         if "ppl" in metrics:
             ids, n_bytes, desc, sha = ppl_tokens(cfg, engine.tok, data if not gen_metrics else None if data and
                                                  Path(data).suffix == ".jsonl" else data)
-            from llmgen.evaluate.perplexity import perplexity, windows
-
             max_len = engine.cfg.max_seq_len
             n_w = len(windows(len(ids), max_len, min(cfg.eval.stride or max_len // 2, max_len)))
             with ui.progress("perplexity", n_w, unit="windows") as bar:

@@ -21,11 +21,14 @@ from typing import Iterator, Optional, Union
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llmgen.config import GenerateConfig
+from llmgen.config import GenerateConfig, to_dataclass
 from llmgen.data.instruct import Messages, PromptFormat
 from llmgen.errors import LlmgenError
 from llmgen.generate import sampling as S
-from llmgen.model.transformer import KVCache, Transformer
+from llmgen.interop.load import load_model
+from llmgen.kernels import prepare_for_inference
+from llmgen.model.kv_cache import KVCache
+from llmgen.model.transformer import Transformer
 
 Prompt = Union[str, Messages]
 
@@ -98,12 +101,8 @@ class Engine:
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.model = model.to(self.device, dtype=dtype).eval()
         self.n_params = model.num_params()
-        if quantize == "int8":  # int8 weights: a quarter of the bytes to stream per token
-            from llmgen.model.quantize import quantize_int8
-
-            quantize_int8(model)
-        elif fuse:  # one matmul for q/k/v and one for gate/up (shares the weights' memory)
-            model.fuse()
+        if fuse or quantize:  # int8 weights, or q/k/v and gate/up as one matmul each (no extra memory)
+            prepare_for_inference(model, quantize)
         self.quantize = quantize
         # torch.compile of the one-token decode step over a fixed-size cache (compiled once per batch
         # size and cache bucket; the first generation pays the compile time). Per-call overhead is what
@@ -127,8 +126,6 @@ class Engine:
     @classmethod
     def load(cls, path: Optional[str] = None, run_dir: str = "runs/quickstart", device=None,
              quantize: Optional[str] = None, compile: bool = False) -> "Engine":
-        from llmgen.model.checkpoint import load_model
-
         lm = load_model(path, run_dir)
         return cls(lm.model, lm.tokenizer, lm.prompt_format, device, str(lm.folder), quantize=quantize,
                    compile=compile)
@@ -229,7 +226,7 @@ class Engine:
     # ------------------------------------------------------------------ decoding
 
     def _logits(self, idx, cache, pos, mask=None, positions=None) -> torch.Tensor:
-        logits, _ = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions, last_only=True)
+        logits = self.model(idx, cache=cache, pos=pos, attn_mask=mask, positions=positions, last_only=True)
         return logits[:, -1].float()  # (B, V)
 
     def _step(self, tok, cache, pos, valid, pad) -> torch.Tensor:
@@ -421,8 +418,6 @@ class Engine:
 
 def merged_params(base: GenerateConfig, **overrides) -> GenerateConfig:
     """`base` with the given non-None values replaced (CLI flags over config defaults), re-validated."""
-    from llmgen.config import _to_dataclass
-
     vals = dataclasses.asdict(base)
     vals.update({k: v for k, v in overrides.items() if v is not None})
-    return _to_dataclass(GenerateConfig, vals, "command line", "generate.")
+    return to_dataclass(GenerateConfig, vals, "command line", "generate.")

@@ -23,8 +23,9 @@ from safetensors.torch import save_model
 
 from llmgen import __version__
 from llmgen.atomic import atomic_dir
-from llmgen.config import ModelConfig, _to_dataclass
+from llmgen.config import ModelConfig, to_dataclass
 from llmgen.errors import LlmgenError
+from llmgen.model.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 STATE_FILE = "training_state/state.pt"
@@ -64,7 +65,7 @@ def read_model_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
     if not cfg_file.is_file():
         raise LlmgenError(f"{folder} is not an llmgen checkpoint (config.json missing)")
     meta = json.loads(cfg_file.read_text())
-    return _to_dataclass(ModelConfig, meta["model"], str(cfg_file), "model."), meta
+    return to_dataclass(ModelConfig, meta["model"], str(cfg_file), "model."), meta
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -91,16 +92,16 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if root.is_dir():
         for p in root.iterdir():
             m = re.fullmatch(r"step-(\d+)", p.name)
-            if m and (p / STATE_FILE).is_file() and _is_checkpoint(p):
+            if m and (p / STATE_FILE).is_file() and is_checkpoint(p):
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding and loading a model for generate / chat / eval / finetune / export
+# Finding checkpoints
 
 
-def _is_checkpoint(folder: Path) -> bool:
+def is_checkpoint(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (
         (folder / "model.safetensors").is_file() or (folder / "adapter_model.safetensors").is_file())
 
@@ -110,7 +111,7 @@ def newest_checkpoint(root: Path) -> Optional[Path]:
     found = []
     for pattern in ("final", "*/final", "checkpoints/step-*", "*/checkpoints/step-*"):
         for p in Path(root).glob(pattern):
-            if _is_checkpoint(p):
+            if is_checkpoint(p):
                 found.append(p)
     if not found:
         return None
@@ -118,84 +119,14 @@ def newest_checkpoint(root: Path) -> Optional[Path]:
     return max(found, key=lambda p: ((p / "config.json").stat().st_mtime, p.name == "final"))
 
 
-def resolve_model_dir(path: Optional[str], run_dir: str = "runs/quickstart") -> Path:
-    """A checkpoint folder from --model (run dir, checkpoint dir, HF dir, hf:<id>, .gguf) or the default run."""
-    if path is None:
-        found = newest_checkpoint(Path(run_dir))
-        if found is None:
-            raise LlmgenError(f"no trained model found under {run_dir}; run `llmgen pretrain` first or pass --model "
-                              f"(a run or checkpoint directory, an HF model folder or a .gguf file)")
-        return found
-    path = os.path.expanduser(path)
-    p = Path(path)
-    if path.startswith("hf:") or p.suffix == ".gguf" or (p.is_dir() and _is_hf_model_dir(p)):
-        from llmgen.model.convert import import_model
-
-        return import_model(path)
-    if not p.exists():
-        raise LlmgenError(f"model {path} does not exist; give a run directory, a checkpoint directory, an HF model "
-                          f"folder, hf:<hub id> or a .gguf file")
-    if _is_checkpoint(p):
-        return p
-    if (p / "config.json").is_file():
-        missing = "model.safetensors"
-        raise LlmgenError(f"checkpoint {p} is incomplete: {missing} is missing")
-    for sub in ("final",):
-        if _is_checkpoint(p / sub):
-            return p / sub
-    found = newest_checkpoint(p)
-    if found is None:
-        raise LlmgenError(f"{p} holds no checkpoint (no final/ or checkpoints/step-N with config.json and "
-                          f"model.safetensors); train one or point --model at a checkpoint folder")
-    return found
-
-
-def _is_hf_model_dir(p: Path) -> bool:
-    cfg = p / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any
-    folder: Path
-    meta: dict
-    prompt_format: Any = None  # data.instruct.PromptFormat when the model was instruction-finetuned
-
-
-def load_model(path: Optional[str] = None, run_dir: str = "runs/quickstart", merge: bool = True) -> LoadedModel:
-    """Build the model of a checkpoint (LoRA adapters applied on their base and merged) with its tokenizer."""
-    from llmgen.data.instruct import PromptFormat
-    from llmgen.data.tokenizer import Tokenizer
-    from llmgen.model.transformer import Transformer
-
-    folder = resolve_model_dir(path, run_dir)
-    cfg, meta = read_model_config(folder)
-    if "adapter" in meta:
-        from llmgen.train.lora import load_adapter
-
-        base = load_model(meta["adapter"]["base"], run_dir)
-        model = load_adapter(base.model, folder, meta["adapter"], merge=merge)
-    else:
-        with torch.device("meta"):
-            model = Transformer(cfg)
-        model = model.to_empty(device="cpu")
-        if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
-            model.lm_head.weight = model.tok_emb.weight
-        if cfg.arch == "llama":  # non-persistent buffers are not in the file: rebuild them
-            from llmgen.model.transformer import rope_tables
-
-            model.rope_cos, model.rope_sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len,
-                                                         cfg.rope_theta, cfg.rope_scaling_factor)
-        load_weights(model, folder)
-    if not (folder / "tokenizer.json").is_file():
-        raise LlmgenError(f"checkpoint {folder} is incomplete: tokenizer.json is missing")
-    tok = Tokenizer.load(folder)
-    fmt = PromptFormat(**meta["prompt_format"]) if meta.get("prompt_format") else None
-    return LoadedModel(model, tok, folder, meta, fmt)
+def build_model(folder: Path, cfg: Optional[ModelConfig] = None) -> Transformer:
+    """The network of a full checkpoint folder, its weights loaded (no memory spent on a random init)."""
+    cfg = cfg or read_model_config(folder)[0]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
+        model.lm_head.weight = model.tok_emb.weight
+    model.reset_rope()  # non-persistent buffers are not in the file
+    load_weights(model, folder)
+    return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,11 @@ from llmgen.atomic import atomic_write_text
 from llmgen.config import Config
 from llmgen.data.instruct import PromptFormat, encode_conversation, iter_records, load_conversations
 from llmgen.errors import LlmgenError
-from llmgen.train.trainer import TrainResult, train
+from llmgen.evaluate.runner import parse_metrics, run_eval
+from llmgen.interop.load import load_model, resolve_model_dir
+from llmgen.model.checkpoint import list_checkpoints, save_checkpoint
+from llmgen.model.lora import apply_lora, load_adapter_weights, lora_info, save_adapter
+from llmgen.train.loop import TrainJob, TrainResult, train
 
 IGNORE = -100
 
@@ -192,8 +197,6 @@ def load_tasks(cfg: Config, tok, fmt: PromptFormat, seq_len: int) -> list[TaskDa
 def score_heldout(cfg: Config, model_dir: Path, heldout: Path, metrics: list[str]) -> dict:
     """Generate for the held-out examples with the finetuned model and score the replies; the report
     goes beside them (heldout_eval.json)."""
-    from llmgen.evaluate.runner import run_eval
-
     report = run_eval(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_samples=None)),
                       [str(model_dir)], [m for m in metrics if m != "ppl"], str(heldout),
                       output=heldout.with_name("heldout_eval.json"))
@@ -203,12 +206,35 @@ def score_heldout(cfg: Config, model_dir: Path, heldout: Path, metrics: list[str
     return report
 
 
+def freeze(model: torch.nn.Module, ft: FinetuneConfig) -> None:
+    """Train only the top blocks (trainable_layers, or all but the bottom freeze_layers) and named parts."""
+    n = model.cfg.n_layer
+    if ft.trainable_layers is not None:
+        first = n - min(ft.trainable_layers, n)
+    elif ft.freeze_layers is not None:
+        first = min(ft.freeze_layers, n)
+    else:
+        first = n // 2
+    parts = set(ft.trainable_parts) if ft.trainable_parts else {"norm_f"}
+    known = {"norm_f", "lm_head", "tok_emb", "pos_emb", "norm"}
+    bad = parts - known
+    if bad:
+        raise LlmgenError(f"finetune.trainable_parts: unknown {', '.join(sorted(bad))}; choose from {', '.join(sorted(known))}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        m = re.match(r"blocks\.(\d+)\.", name)
+        top = name.split(".")[0]
+        if (m and int(m.group(1)) >= first) or top in parts or ("norm" in parts and "norm" in name):
+            p.requires_grad_(True)
+    if ft.trainable_parts and "lm_head" in parts and model.cfg.tie_embeddings:
+        model.tok_emb.weight.requires_grad_(True)  # the head is the embedding matrix
+
+
 def default_base(cfg: Config) -> str:
     run = Path(cfg.run_dir)
     if (run / "final" / "config.json").is_file():
         return str(run / "final")
-    from llmgen.model.checkpoint import list_checkpoints
-
     ckpts = list_checkpoints(run)
     if not ckpts:
         raise LlmgenError(f"no pretrained model in {run} to finetune; run `llmgen pretrain` first or set "
@@ -221,13 +247,8 @@ def finetune_run_dir(cfg: Config) -> str:
 
 
 def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
-    from llmgen.model.checkpoint import load_model, resolve_model_dir
-    from llmgen.train.lora import apply_lora, freeze, load_adapter_weights, lora_info, save_adapter
-
     ft = cfg.finetune
     if ft.eval_metrics:  # fail before training, not after it
-        from llmgen.evaluate.runner import parse_metrics
-
         parse_metrics(",".join(ft.eval_metrics), [])
     base_arg = ft.base or default_base(cfg)
     base_dir = resolve_model_dir(base_arg, cfg.run_dir)
@@ -265,11 +286,11 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Trai
                   "datasets": [dataclasses.asdict(d) for d in ft.datasets]}
     if instruct:
         info["prompt_format"] = fmt.to_json()
-    save_weights = load_fn = None
+    job = TrainJob("finetune", batches, eval_sets, Path(base_dir), layer_lr_decay=ft.layer_lr_decay, info=info)
     if ft.method == "lora":
         model = apply_lora(model, ft.lora)
         info["adapter"] = {"base": str(Path(base_dir).resolve()), **lora_info(ft.lora)}
-        save_weights, load_fn = save_adapter, load_adapter_weights
+        job.save_weights, job.load_weights = save_adapter, load_adapter_weights
     elif ft.method == "freeze" or ft.freeze_layers is not None or ft.trainable_layers is not None:
         freeze(model, ft)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -284,10 +305,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Trai
                                batch_size=B, seq_len=seq_len, eval_every=ft.eval_every,
                                save_every=max(ft.eval_every, cfg.train.save_every if cfg.train.save_every < ft.max_steps else ft.max_steps))
     run_cfg = dataclasses.replace(cfg, run_dir=finetune_run_dir(cfg), train=tcfg)
-    tok_dir = Path(base_dir)
-    result = train(run_cfg, model, batches, eval_sets, tok_dir, None, resume=resume, overwrite=overwrite,
-                   kind="finetune", layer_lr_decay=ft.layer_lr_decay, save_weights=save_weights,
-                   load_weights_fn=load_fn, info=info)
+    result = train(run_cfg, model, job, resume=resume, overwrite=overwrite)
     heldout = [c for t in tasks for c in t.val_convs]
     if heldout and result.final_dir is not None:
         path = Path(run_cfg.run_dir) / "heldout.jsonl"
@@ -295,8 +313,6 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Trai
         if ft.eval_metrics:
             score_heldout(cfg, result.final_dir, path, ft.eval_metrics)
     if ft.method == "lora" and ft.merge and result.final_dir is not None:
-        from llmgen.model.checkpoint import save_checkpoint
-
         merged = load_model(str(result.final_dir))
         meta = {k: v for k, v in merged.meta.items() if k not in ("adapter", "model", "llmgen_version")}
         save_checkpoint(Path(run_cfg.run_dir) / "merged", merged.model, result.final_dir, meta)

@@ -9,6 +9,7 @@ import re
 import torch
 
 from llmgen.config import TrainConfig
+from llmgen.errors import LlmgenError
 
 
 def lr_scale(name: str, n_layer: int, decay: float) -> float:
@@ -45,8 +46,6 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str,
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     groups = param_groups(model, t.weight_decay, layer_lr_decay)
     if not groups:
-        from llmgen.errors import LlmgenError
-
         raise LlmgenError("no parameter is trainable; check finetune.method / trainable_layers / trainable_parts")
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
                              eps=1e-8, **({"fused": True} if fused else {}))

@@ -11,7 +11,7 @@ from llmgen.data.shards import TokenShards
 from llmgen.errors import LlmgenError
 from llmgen.model.checkpoint import list_checkpoints, read_model_config
 from llmgen.model.transformer import Transformer
-from llmgen.train.trainer import TrainResult, WindowSampler, train
+from llmgen.train.loop import TrainJob, TrainResult, WindowSampler, train
 
 
 def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -37,5 +37,5 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Trai
     eval_sets = {}
     if len(val_tokens) > t.seq_len + 1:
         eval_sets["val"] = WindowSampler(val_tokens, t.batch_size, t.seq_len, t.seed + 1)
-    return train(cfg, model, batches, eval_sets, shards.folder, shards.bytes_per_token("val"),
-                 resume=resume, overwrite=overwrite, kind="pretrain")
+    job = TrainJob("pretrain", batches, eval_sets, shards.folder, shards.bytes_per_token("val"))
+    return train(cfg, model, job, resume=resume, overwrite=overwrite)

@@ -1,4 +1,4 @@
-"""LoRA through `peft`, and freezing: what a finetune trains.
+"""LoRA through `peft`: adapters on a model's linear layers, saved, loaded and merged.
 
 A LoRA checkpoint stores only the adapter (`adapter_model.safetensors`) plus the path of its
 base checkpoint in `config.json`; `load_adapter` rebuilds it and merges it for inference/export.
@@ -7,13 +7,12 @@ base checkpoint in `config.json`; `load_adapter` rebuilds it and merges it for i
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmgen.config import FinetuneConfig, LoraConfig
+from llmgen.config import LoraConfig
 from llmgen.errors import LlmgenError
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -78,28 +77,3 @@ def load_adapter(base: torch.nn.Module, folder: Path, info: dict[str, Any], merg
     model = peft.get_peft_model(base, _peft_config(info))
     load_adapter_weights(model, folder)
     return model.merge_and_unload() if merge else model
-
-
-def freeze(model: torch.nn.Module, ft: FinetuneConfig) -> None:
-    """Train only the top blocks (trainable_layers, or all but the bottom freeze_layers) and named parts."""
-    n = model.cfg.n_layer
-    if ft.trainable_layers is not None:
-        first = n - min(ft.trainable_layers, n)
-    elif ft.freeze_layers is not None:
-        first = min(ft.freeze_layers, n)
-    else:
-        first = n // 2
-    parts = set(ft.trainable_parts) if ft.trainable_parts else {"norm_f"}
-    known = {"norm_f", "lm_head", "tok_emb", "pos_emb", "norm"}
-    bad = parts - known
-    if bad:
-        raise LlmgenError(f"finetune.trainable_parts: unknown {', '.join(sorted(bad))}; choose from {', '.join(sorted(known))}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, p in model.named_parameters():
-        m = re.match(r"blocks\.(\d+)\.", name)
-        top = name.split(".")[0]
-        if (m and int(m.group(1)) >= first) or top in parts or ("norm" in parts and "norm" in name):
-            p.requires_grad_(True)
-    if ft.trainable_parts and "lm_head" in parts and model.cfg.tie_embeddings:
-        model.tok_emb.weight.requires_grad_(True)  # the head is the embedding matrix

@@ -1,5 +1,5 @@
 """Hugging Face <-> llmgen: import Llama-family and GPT-2 models (HF folders, the hub, GGUF files)
-and export llmgen checkpoints as plain `transformers` models.
+and the maps that export llmgen checkpoints as plain `transformers` models (interop/export.py).
 
 The weight maps are the whole story: names differ, shapes do not, except GPT-2's Conv1D layers
 (stored as (in, out), so they are transposed) and its fused q/k/v projection (split in three).
@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import save_file
 
-from llmgen import ui
+from llmgen import __version__, ui
 from llmgen.atomic import atomic_dir
 from llmgen.config import ModelConfig
+from llmgen.data.tokenizer import Tokenizer
 from llmgen.errors import LlmgenError
+from llmgen.hub import require_hub
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED = LLAMA_TYPES + ("gpt2",)
@@ -154,10 +157,10 @@ def hf_config_from_ours(cfg: ModelConfig, tok) -> Any:
                pad_token_id=tok.pad_id)
     if cfg.arch == "gpt2":
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_inner=_ffn(cfg), activation_function="gelu_new",
+                          n_head=cfg.n_head, n_inner=cfg.ffn_hidden, activation_function="gelu_new",
                           layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                           tie_word_embeddings=cfg.tie_embeddings, architectures=["GPT2LMHeadModel"], **ids)
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=_ffn(cfg),
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
                   num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                   num_key_value_heads=cfg.n_kv_head or cfg.n_head, max_position_embeddings=cfg.max_seq_len,
                   rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
@@ -167,12 +170,6 @@ def hf_config_from_ours(cfg: ModelConfig, tok) -> Any:
     if cfg.qkv_bias:
         return Qwen2Config(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, **common)
     return LlamaConfig(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False, **common)
-
-
-def _ffn(cfg: ModelConfig) -> int:
-    from llmgen.model.transformer import ffn_hidden
-
-    return ffn_hidden(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,8 +182,6 @@ def _load_hf(source: str):
 
     kwargs: dict[str, Any] = {}
     if source.startswith("hf:"):
-        from llmgen.hub import require_hub
-
         require_hub(source)
         where = source[3:]
     elif source.endswith(".gguf"):
@@ -213,8 +208,6 @@ def _load_hf(source: str):
 
 
 def _our_tokenizer(hf_tok):
-    from llmgen.data.tokenizer import Tokenizer
-
     if not getattr(hf_tok, "is_fast", False):
         raise LlmgenError("the model's tokenizer has no fast (tokenizers) version; llmgen needs tokenizer.json")
     extra = {k: str(getattr(hf_tok, k)) for k in ("bos_token", "unk_token") if getattr(hf_tok, k, None)}
@@ -237,9 +230,6 @@ def _source_key(source: str) -> str:
 
 def import_model(source: str, output: Optional[Path] = None, overwrite: bool = False) -> Path:
     """Convert SOURCE into an llmgen checkpoint folder (cached: a second import is instant)."""
-    from safetensors.torch import save_file
-
-    from llmgen import __version__
 
     cached = cache_root() / "imports" / _source_key(source)
     if output is None:
@@ -273,46 +263,4 @@ def import_model(source: str, output: Optional[Path] = None, overwrite: bool = F
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     n = sum(v.numel() for v in tensors.values())
     ui.info(f"imported {hf_model.config.model_type} ({n / 1e6:.1f}M parameters) into {output}")
-    return output
-
-
-# ----------------------------------------------------------------------------------------------
-# Export
-
-
-def export_hf(model_path: Optional[str], output: Path, overwrite: bool = False, run_dir: str = "runs/quickstart") -> Path:
-    """Write a transformers model folder (merged weights, tokenizer with chat template, generation config)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
-
-    from llmgen.model.checkpoint import load_model
-
-    output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise LlmgenError(f"{output} exists and is not empty; pass --overwrite to replace it or choose another --output")
-    lm = load_model(model_path, run_dir, merge=True)
-    cfg, tok = lm.model.cfg, lm.tokenizer
-    hf_cfg = hf_config_from_ours(cfg, tok)
-    with torch.device("meta"):
-        hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    sd = ours_to_hf({k: v.detach().float() for k, v in lm.model.state_dict().items()}, cfg)
-    hf_model.load_state_dict(sd, strict=False, assign=True)
-    hf_model.tie_weights()
-    missing = [n for n, p in hf_model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise RuntimeError(f"export left weights unset: {missing[:3]}")
-    template = tok.chat_template
-    if lm.prompt_format is not None and lm.prompt_format.name != "chat_template":
-        from llmgen.data.instruct import NAMED_JINJA
-
-        template = NAMED_JINJA[lm.prompt_format.name]
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token=tok.eos_token, pad_token=tok.pad_token,
-                                     chat_template=template, clean_up_tokenization_spaces=False,
-                                     **{k: v for k, v in tok.extra_config.items() if k in ("bos_token", "unk_token")})
-    if os.path.isdir(output) and overwrite:
-        shutil.rmtree(output)
-    with atomic_dir(output) as tmp:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        hf_tok.save_pretrained(tmp)
-        GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
-                         pad_token_id=hf_cfg.pad_token_id).save_pretrained(tmp)
     return output

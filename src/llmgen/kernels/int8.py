@@ -34,13 +34,3 @@ class Int8Linear(nn.Module):
             y = F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales.to(x2.dtype)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace the Linear layers of the transformer blocks and the output head by Int8Linear, in place
-    (call after moving the model to its device and dtype). The embedding stays as it is."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear]
-    for parent, name, child in targets:
-        setattr(parent, name, Int8Linear(child))
-    return model

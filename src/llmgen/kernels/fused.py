@@ -1,0 +1,40 @@
+"""Fused projections: q/k/v (and SwiGLU's gate/up) as one matmul over one weight.
+
+The member layers keep their parameters, re-pointed at row slices of the joined weight (no copy;
+in-place updates stay shared), so the model's state dict does not change.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from llmgen.kernels.cpu_matmul import decode_layout, linear
+
+
+class FusedLinear:
+    """Callable: x -> the outputs of `layers` for x, computed as one product. A plain object, not a
+    module, so that setting it on the model adds nothing to its parameters or state dict."""
+
+    def __init__(self, layers: Sequence[nn.Linear]):
+        self.sizes = [m.out_features for m in layers]
+        self.weight = decode_layout(torch.cat([m.weight.detach() for m in layers]))
+        self.bias: Optional[torch.Tensor] = None
+        if layers[0].bias is not None:
+            self.bias = torch.cat([m.bias.detach() for m in layers])
+        row = 0
+        for m, n in zip(layers, self.sizes):
+            m.weight.data = self.weight[row:row + n]
+            if self.bias is not None:
+                m.bias.data = self.bias[row:row + n]
+            row += n
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def plain(*layers: nn.Module) -> bool:
+    """Whether the layers are unwrapped nn.Linear (not LoRA, int8 or already swapped)."""
+    return all(type(m) is nn.Linear for m in layers)

@@ -1,0 +1,104 @@
+"""Each speed path in llmgen.kernels equals the plain network it replaces."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmgen.config import ModelConfig, build_config
+from llmgen.kernels import cpu_matmul, fuse_projections, prepare_for_inference, quantize_int8
+from llmgen.kernels.cpu_matmul import DecodeLinear, linear
+from llmgen.kernels.int8 import Int8Linear
+from llmgen.model.kv_cache import KVCache
+from llmgen.model.transformer import Transformer
+
+
+@pytest.mark.parametrize("rows,bias,inn,threads", [(1, False, 384, 2), (8, True, 384, 2), (3, False, 384, 2),
+                                                     (1, False, 1000, 3)])
+def test_split_linear_equals_linear(rows, bias, inn, threads, monkeypatch):
+    """The decode-time CPU matmul (a block of input features per thread, in one bmm, partial sums added)
+    is F.linear, also when the thread count does not divide the features."""
+    torch.manual_seed(0)
+    w = torch.randn(1024, inn)
+    b = torch.randn(1024) if bias else None
+    x = torch.randn(1, rows, inn)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, c: calls.append(a.shape[0]) or bmm(a, c))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            got = linear(x, w.t().contiguous().t(), b)
+        assert calls == [threads if inn % threads == 0 else 2]  # the split path ran, one block per thread
+        assert got.shape == (1, rows, 1024)
+        assert torch.allclose(got, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_model_matches_unfused(split, arch, monkeypatch):
+    """fuse_projections (joined projections; column-major weights where the split product pays) changes
+    speed, not logits, cached decoding or the state dict."""
+    monkeypatch.setattr(cpu_matmul, "split_pays", lambda: split)
+    torch.manual_seed(0)
+    cfg = build_config({"model": {"preset": None, "arch": arch, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+                                  "d_model": 256, "max_seq_len": 64, "vocab_size": 1024}}).model
+    plain = Transformer(cfg).eval()
+    fused = copy.deepcopy(plain)
+    keys = set(plain.state_dict())
+    fuse_projections(fused)
+    assert set(fused.state_dict()) == keys
+    assert fused.blocks[0].attn.fused_qkv is not None and type(fused.blocks[0].mlp.w2) is DecodeLinear
+    assert (fused.blocks[0].mlp.w2.weight.stride(0) == 1) == split  # column-major only for the split
+    if cfg.tie_embeddings:
+        assert fused.lm_head.weight is fused.tok_emb.weight
+    idx = torch.randint(0, 1024, (1, 12))
+    with torch.no_grad():
+        full = plain(idx)
+        cache = KVCache.allocate(cfg, 1, 64)
+        fused(idx[:, :8], cache=cache, pos=0)
+        steps = [fused(idx[:, t:t + 1], cache=cache, pos=t)[:, -1] for t in range(8, 12)]
+    assert torch.allclose(torch.stack(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
+
+
+def test_split_pays_probe_keeps_thread_count():
+    """The one-time BLAS probe restores the thread count, and with one thread there is nothing to split."""
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cpu_matmul.split_pays.cache_clear()
+        assert cpu_matmul.split_pays() is False
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        cpu_matmul.split_pays.cache_clear()
+        assert isinstance(cpu_matmul.split_pays(), bool)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+        cpu_matmul.split_pays.cache_clear()
+
+
+def test_int8_weights_track_fp32():
+    """Weight-only int8: each Linear computes x @ dequantised(W).T, the rounding error per weight is at
+    most half a step, and the whole network's logits stay close to fp32 (but not identical)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    il = Int8Linear(lin)
+    deq = il.weight_int8.float() * il.scales[:, None]
+    assert (deq - lin.weight).abs().max() <= il.scales.max() / 2 + 1e-7
+    x = torch.randn(3, 5, 64)
+    assert torch.allclose(il(x), x @ deq.t() + lin.bias, atol=1e-4)
+    model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                                    vocab_size=260)).eval()
+    q = quantize_int8(copy.deepcopy(model))
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    assert type(prepare_for_inference(copy.deepcopy(model), "int8").lm_head) is Int8Linear
+    idx = torch.randint(0, 260, (2, 20))
+    with torch.no_grad():
+        a, b = model(idx), q(idx)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.05
