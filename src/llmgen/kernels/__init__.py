@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from llmgen.kernels.cpu_matmul import DecodeLinear
+from llmgen.kernels.cpu_matmul import DecodeLinear, register_split_op
 from llmgen.kernels.fused import FusedLinear, plain
 from llmgen.kernels.int8 import Int8Linear
 from llmgen.model.transformer import Transformer
@@ -34,6 +34,7 @@ def fuse_projections(model: Transformer) -> Transformer:
     """q/k/v and gate/up each as one matmul (views: no extra memory), and every other projection through
     the CPU decode matmul, in place. Layers wrapped by someone else (an unmerged LoRA adapter) keep
     running themselves. Call after moving the model to its device and dtype; for gradient-free use."""
+    register_split_op()
     for block in model.blocks:
         a, m = block.attn, block.mlp
         if a.fused_qkv is None and plain(a.wq, a.wk, a.wv):

@@ -61,15 +61,19 @@ def split_product(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
     return torch.bmm(xs, w.t().view(parts, k, out)).sum(0).view(*x.shape[:-1], out)
 
 
-@functools.lru_cache(maxsize=None)
-def split_op():
-    """The same product as an opaque operator for torch.compile (registered on first use): inductor
-    would otherwise lower the bmm and the sum into its own loops (slower than eager on `small`,
-    measured) instead of calling BLAS."""
-    op = torch.library.custom_op("llmgen::split_linear", split_product, mutates_args=(),
-                                 schema="(Tensor x, Tensor w, int parts) -> Tensor")
-    op.register_fake(lambda x, w, parts: x.new_empty(*x.shape[:-1], w.shape[0]))
-    return op
+_split_op = None
+
+
+def register_split_op() -> None:
+    """Register the split product as an opaque operator for torch.compile (once, when a model is
+    prepared for decoding; not at import): inductor would otherwise lower the bmm and the sum into its
+    own loops (slower than eager on `small`, measured) instead of calling BLAS."""
+    global _split_op
+    if _split_op is None:
+        op = torch.library.custom_op("llmgen::split_linear", split_product, mutates_args=(),
+                                     schema="(Tensor x, Tensor w, int parts) -> Tensor")
+        op.register_fake(lambda x, w, parts: x.new_empty(*x.shape[:-1], w.shape[0]))
+        _split_op = op
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -83,7 +87,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
         while inn % parts:  # as many equal blocks as threads, or the nearest count below that divides
             parts -= 1
         if parts > 1:
-            y = (split_op() if torch.compiler.is_compiling() else split_product)(x, w, parts)
+            compiled = torch.compiler.is_compiling() and _split_op is not None
+            y = (_split_op if compiled else split_product)(x, w, parts)
             return y if b is None else y + b
     return F.linear(x, w, b)
 
