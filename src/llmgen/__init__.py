@@ -1,11 +1,11 @@
 """llmgen: prepare, pretrain, finetune, eval and generate with decoder-only language models.
 
-The library is the Python API; the `llmgen` command is a thin layer over it.
+The library is the Python API (this module re-exports the entry points); the `llmgen` command is a
+thin layer over it.
 """
 
-__version__ = "0.1.0"
-
-from llmgen.config import Config, load_config  # noqa: E402
-from llmgen.errors import LlmgenError  # noqa: E402
+from llmgen.config import Config, load_config
+from llmgen.errors import LlmgenError
+from llmgen.version import __version__
 
 __all__ = ["Config", "LlmgenError", "load_config", "__version__"]

@@ -16,7 +16,8 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from llmgen import __version__, ui
+from llmgen import ui
+from llmgen.version import __version__
 from llmgen.config import Config, load_config
 from llmgen.data.prepare import prepare as run_prepare
 from llmgen.errors import LlmgenError

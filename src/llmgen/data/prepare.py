@@ -18,7 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from llmgen import __version__, ui
+from llmgen import ui
+from llmgen.version import __version__
 from llmgen.atomic import atomic_dir
 from llmgen.config import Config
 from llmgen.data.shards import FORMAT_VERSION, ShardWriter, shard_dtype, write_meta

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from llmgen import __version__, ui
+from llmgen import ui
+from llmgen.version import __version__
 from llmgen.atomic import atomic_write_text
 from llmgen.config import Config
 from llmgen.data.instruct import iter_records, prompt_reference_pairs

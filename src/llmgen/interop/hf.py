@@ -20,7 +20,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from llmgen import __version__, ui
+from llmgen import ui
+from llmgen.version import __version__
 from llmgen.atomic import atomic_dir
 from llmgen.config import ModelConfig
 from llmgen.data.tokenizer import Tokenizer

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model
 
-from llmgen import __version__
+from llmgen.version import __version__
 from llmgen.atomic import atomic_dir
 from llmgen.config import ModelConfig, to_dataclass
 from llmgen.errors import LlmgenError
