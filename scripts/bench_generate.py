@@ -28,9 +28,9 @@ import torch
 from benchlib import report
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-from llmgen.config import GenerateConfig, ModelConfig, build_config
+from llmgen.config import EngineOptions, GenerateConfig, ModelConfig, build_config
 from llmgen.data.tokenizer import bytes_tokenizer, train_bpe
-from llmgen.generate.engine import Engine
+from llmgen.generate.engine import Engine, GenerationStats
 from llmgen.interop.export import export_hf
 from llmgen.interop.hf import import_model
 from llmgen.interop.load import load_model
@@ -80,7 +80,7 @@ def time_ours(engine: Engine, prompts: list[list[int]], n: int) -> float:
     p = GenerateConfig(max_new_tokens=n, temperature=0.0)
     t0 = time.perf_counter()
     steps = 0
-    for _ in engine._steps(prompts, p, torch.Generator()):
+    for _ in engine._steps(prompts, p, torch.Generator(), GenerationStats()):
         steps += 1
     assert steps == n
     return len(prompts) * n / (time.perf_counter() - t0)
@@ -123,12 +123,12 @@ def main() -> None:
             work.mkdir()
             folder = build(name, work, args.smollm2_gguf)
             lm = load_model(str(folder))
-            engine = Engine(lm.model, lm.tokenizer, device="cpu")
+            engine = Engine(lm.model, lm.tokenizer, options=EngineOptions(device="cpu"))
             engine2 = None  # the second engine: int8 weights, or the compiled decode step
             if v != "none":
                 lm2 = load_model(str(folder))
-                engine2 = Engine(lm2.model, lm2.tokenizer, device="cpu", quantize="int8" if v == "int8" else None,
-                                 compile=v == "compile")
+                engine2 = Engine(lm2.model, lm2.tokenizer, options=EngineOptions(
+                    device="cpu", quantize="int8" if v == "int8" else None, compile=v == "compile"))
             text = (SHARED / "wizard_of_oz.txt").read_text()[:4000] if (SHARED / "wizard_of_oz.txt").is_file() else "the cat sat " * 300
             ids = torch.tensor([lm.tokenizer.encode(text)[:min(256, lm.model.cfg.max_seq_len)]])
             ppl32 = ppl(engine.model, ids)

@@ -28,7 +28,8 @@ from benchlib import report
 from llmgen.config import build_config
 from llmgen.model.transformer import Transformer
 from llmgen.train.distributed import matmul_peak_flops
-from llmgen.train.loop import TrainJob, WindowSampler, train
+from llmgen.data.shards import WindowSampler
+from llmgen.train.loop import TrainJob, train
 
 
 def hf_model(mcfg):

@@ -152,12 +152,12 @@ def test_python_dash_m_and_console_script(tmp_path):
 
 
 def test_cli_bug_exits_1_with_traceback_behind_debug(cli, monkeypatch):
-    import llmgen.cli
+    import llmgen.data.prepare as prep
 
     def boom(cfg, force=False):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(llmgen.cli, "run_prepare", boom)
+    monkeypatch.setattr(prep, "prepare", boom)
     code, out, err = cli("prepare")
     assert code == 1 and "internal error: RuntimeError: simulated bug" in err and "--debug" in err
     assert "Traceback" not in err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmgen.config import GenerateConfig, ModelConfig
+from llmgen.config import EngineOptions, GenerateConfig, ModelConfig
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.interop.export import export_hf
 from llmgen.interop.hf import import_model
@@ -105,7 +105,7 @@ def test_smollm2_gguf_parity_and_greedy_generate(tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmgen.generate.engine import Engine
+    from llmgen.generate.engine import Engine, GenerationStats
 
     gguf = os.environ.get("LLMGEN_SMOLLM2_GGUF")
     if not gguf:
@@ -127,9 +127,9 @@ def test_smollm2_gguf_parity_and_greedy_generate(tmp_path):
     assert diff < 1e-3
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    eng = Engine(lm.model, lm.tokenizer, device="cpu")
+    eng = Engine(lm.model, lm.tokenizer, options=EngineOptions(device="cpu"))
     assert eng.prompt_ids(msgs, GenerateConfig()) == ids[0].tolist()  # our chat rendering = transformers'
-    got = eng._decode_batch([ids[0].tolist()], GenerateConfig(max_new_tokens=32, temperature=0.0),
-                            torch.Generator())[0]
+    p = GenerateConfig(max_new_tokens=32, temperature=0.0)
+    got = eng._decode_batch([ids[0].tolist()], p, torch.Generator(), eng._stops(p, None), GenerationStats())[0]
     n = len(got.tokens)
     assert got.tokens == ref[:n] and (n == 32 or ref[n] == lm.tokenizer.eot_id)

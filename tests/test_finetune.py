@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from llmgen.config import ModelConfig
-from llmgen.data.instruct import PromptFormat, encode_conversation
+from llmgen.data.chat_format import PromptFormat
+from llmgen.data.instruct import encode_conversation
 from llmgen.data.tokenizer import Tokenizer, bytes_tokenizer
 from llmgen.interop.load import load_model
 from llmgen.model.checkpoint import read_model_config, save_checkpoint
 from llmgen.model.transformer import Transformer
-from llmgen.train.finetune import SFTBatches, TaskData, encode_examples, pack_row, segment_mask
+from llmgen.data.sft import SFTBatches, TaskData, encode_examples, pack_row, segment_mask
 from llmgen.train.optim import param_groups
 
 CHAT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"},

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from llmgen.config import GenerateConfig, ModelConfig
-from llmgen.data.instruct import PromptFormat, render_chat_template
+from llmgen.config import EngineOptions, GenerateConfig, ModelConfig
+from llmgen.data.chat_format import PromptFormat, render_chat_template
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.generate import sampling as S
-from llmgen.generate.engine import Engine
+from llmgen.generate.engine import Engine, GenerationStats
 from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
 
@@ -27,7 +27,7 @@ def tiny_model(arch="llama", seed=0, max_seq_len=96):
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(tiny_model(), bytes_tokenizer(), device="cpu")
+    return Engine(tiny_model(), bytes_tokenizer(), options=EngineOptions(device="cpu"))
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_greedy_matches_naive_full_recompute(engine):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batched_ragged_prompts_equal_one_by_one(arch):
-    eng = Engine(tiny_model(arch), bytes_tokenizer(), device="cpu")
+    eng = Engine(tiny_model(arch), bytes_tokenizer(), options=EngineOptions(device="cpu"))
     prompts = ["A", "Hello there, friend", "xyz 123"]
     batched = eng.generate(prompts, GREEDY)
     for prompt, got in zip(prompts, batched):
@@ -106,7 +106,8 @@ def test_batched_ragged_prompts_equal_one_by_one(arch):
 
 def test_beam_search_width_one_is_greedy_and_beams_score_sorted(engine):
     ids = engine.tok.encode("Once")
-    beam = engine._beam_search(ids, GenerateConfig(max_new_tokens=24, temperature=0.0, num_beams=1))
+    p = GenerateConfig(max_new_tokens=24, temperature=0.0, num_beams=1)
+    beam = engine._beam_search(ids, p, engine._stops(p, None), GenerationStats())
     assert beam[0].tokens == engine.generate(["Once"], GREEDY)[0][0].tokens
     outs = engine.generate(["Once"], GenerateConfig(max_new_tokens=12, temperature=0.0, num_beams=4,
                                                     num_return_sequences=3))[0]
@@ -259,8 +260,8 @@ def test_compiled_step_runs_split_product_as_one_operator(monkeypatch):
     model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=8, n_kv_head=4, d_model=512, max_seq_len=128,
                                     vocab_size=260))  # 512 x 1024 q/k/v weight: 2 MB, past the split threshold
     tok = bytes_tokenizer()
-    eager = Engine(copy.deepcopy(model), tok, device="cpu")
-    compiled = Engine(copy.deepcopy(model), tok, device="cpu", compile=True)
+    eager = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu"))
+    compiled = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu", compile=True))
     assert compiled.model.blocks[0].attn.fused_qkv.weight.stride(0) == 1  # column-major: the split path is taken
     p = GenerateConfig(max_new_tokens=12, temperature=0.0)
     want = [c[0].tokens for c in eager.generate(["Hello there"], p)]
@@ -268,8 +269,8 @@ def test_compiled_step_runs_split_product_as_one_operator(monkeypatch):
     assert got == want
     bmm, calls = torch.bmm, []
     monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or bmm(a, b))
-    again = [c[0].tokens for c in compiled.generate(["Hello there"], p)]  # the compiled step, no recompiling
-    assert again == want and compiled.stats.compile_s == 0
+    result = compiled.generate(["Hello there"], p)  # the compiled step, no recompiling
+    assert [c[0].tokens for c in result] == want and result.stats.compile_s == 0
     m = compiled.model
     weights = [w for b in m.blocks for w in (b.attn.fused_qkv.weight, b.attn.wo.weight, b.mlp.fused_gate_up.weight, b.mlp.w2.weight)]
     split = sum(w.numel() >= 1 << 18 for w in weights + [m.lm_head.weight])
@@ -287,12 +288,12 @@ def test_compiled_decode_step_matches_eager():
     model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
                                     vocab_size=260))
     tok = bytes_tokenizer()
-    eager = Engine(copy.deepcopy(model), tok, device="cpu")
-    compiled = Engine(copy.deepcopy(model), tok, device="cpu", compile=True)
+    eager = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu"))
+    compiled = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu", compile=True))
     p = GenerateConfig(max_new_tokens=24, temperature=0.0)
     for prompts in (["Hello there", "A much longer prompt than the first"], ["Once upon a time"], ["Again"]):
         want = [c[0].tokens for c in eager.generate(prompts, p)]
-        got = [c[0].tokens for c in compiled.generate(prompts, p)]
-        assert got == want
+        result = compiled.generate(prompts, p)
+        assert [c[0].tokens for c in result] == want
         # a new batch size compiles (timed apart from decoding); the same shape again reuses the step
-        assert (compiled.stats.compile_s > 0) == (prompts != ["Again"]), compiled.stats
+        assert (result.stats.compile_s > 0) == (prompts != ["Again"]), result.stats

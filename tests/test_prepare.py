@@ -101,7 +101,7 @@ def test_failure_keeps_previous_output(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" * 3 + "{broken\n")
-    with pytest.raises(LlmgenError, match="bad.jsonl: line 4 is not valid JSON"):
+    with pytest.raises(LlmgenError, match="bad.jsonl:4: not valid JSON"):
         prepare(load_config(None, [f"data.source={bad}", "tokenizer.type=bytes", f"data.prepared_dir={out}"]))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl", "p"]  # no temp folder left

@@ -113,7 +113,8 @@ def test_nonfinite_loss_stops_without_checkpoint(prepared, tmp_path):
 def test_skip_nonfinite_counts_and_keeps_weights_finite(prepared, tmp_path):
     """A batch whose loss is NaN is skipped (no update) and counted, with train.skip_nonfinite."""
     from llmgen.data.shards import TokenShards
-    from llmgen.train.loop import TrainJob, WindowSampler, train
+    from llmgen.data.shards import WindowSampler
+    from llmgen.train.loop import TrainJob, train
 
     class Poisoned(Transformer):
         def forward(self, idx, **kw):

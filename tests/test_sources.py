@@ -36,10 +36,10 @@ def test_jsonl_and_errors(tmp_path):
     p.write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "world"}) + "\n")
     assert texts(source=str(p)) == ["hello", "world"]
     p.write_text(json.dumps({"text": "ok"}) + "\n{not json}\n")
-    with pytest.raises(LlmgenError, match=r"d.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(LlmgenError, match=r"d.jsonl:2: not valid JSON"):
         texts(source=str(p))
     p.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(LlmgenError, match=r"line 1: no text field 'text' \(found: body\).*data.text_field"):
+    with pytest.raises(LlmgenError, match=r"d.jsonl:1: no text field 'text' \(found: body\); set data.text_field"):
         texts(source=str(p))
     assert texts(source=str(p), text_field="body") == ["x"]
 
@@ -54,8 +54,10 @@ def test_json_parquet_csv(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
     assert texts(source=str(tmp_path / "d.parquet")) == ["alpha beta", "gamma"]
     assert texts(source=str(tmp_path / "d.csv")) == ["alpha beta", "gamma"]
-    with pytest.raises(LlmgenError, match="no text field 'content'"):
+    with pytest.raises(LlmgenError, match=r"d.csv:2: no text field 'content'"):  # line 1 is the header
         texts(source=str(tmp_path / "d.csv"), text_field="content")
+    with pytest.raises(LlmgenError, match=r"d.parquet row 1: no text field 'content'"):
+        texts(source=str(tmp_path / "d.parquet"), text_field="content")
 
 
 def test_folder_glob_and_list(tmp_path):

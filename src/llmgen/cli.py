@@ -1,5 +1,8 @@
 """The `llmgen` command: parse arguments, load the config, call one library function, print.
 
+Each command imports its library function when it runs (the one place llmgen imports itself inside
+functions): the library pulls in torch and transformers, which `llmgen --help` should not wait for.
+
 Exit codes: 0 success, 2 a user error (one line on stderr: what, where, how to fix),
 1 a bug (the traceback is shown with `--debug`).
 """
@@ -7,28 +10,25 @@ Exit codes: 0 success, 2 a user error (one line on stderr: what, where, how to f
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import sys
 import traceback
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import click
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from llmgen import ui
-from llmgen.version import __version__
-from llmgen.config import Config, load_config
-from llmgen.data.prepare import prepare as run_prepare
+from llmgen.config import Config, GenerateConfig, load_config
 from llmgen.errors import LlmgenError
-from llmgen.evaluate.runner import parse_metrics, run_eval
-from llmgen.generate.chat import ChatSession, repl
-from llmgen.generate.engine import Engine, merged_params
-from llmgen.generate.files import generate_file
-from llmgen.interop.export import export_hf
-from llmgen.interop.hf import import_model
-from llmgen.train.finetune import finetune as run_finetune
-from llmgen.train.pretrain import pretrain as run_pretrain
+from llmgen.version import __version__
 
 app = typer.Typer(
     help="llmgen: prepare data, pretrain, finetune, evaluate and generate with decoder-only language models.\n\n"
@@ -85,6 +85,8 @@ def prepare(
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
+    from llmgen.data.prepare import prepare as run_prepare  # the library (torch, transformers): imported per command, so --help starts in a blink
+
     res = run_prepare(cfg, force=force)
     m = res.meta
     if res.up_to_date:
@@ -108,6 +110,8 @@ def pretrain(
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
+    from llmgen.train.pretrain import pretrain as run_pretrain  # the library (torch, transformers): imported per command, so --help starts in a blink
+
     _report_done(run_pretrain(cfg, resume=resume, overwrite=overwrite))
 
 
@@ -134,6 +138,8 @@ def finetune(
         return
     if merge:
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, merge=True))
+    from llmgen.train.finetune import finetune as run_finetune  # the library (torch, transformers): imported per command, so --help starts in a blink
+
     _report_done(run_finetune(cfg, resume=resume, overwrite=overwrite))
 
 
@@ -155,6 +161,8 @@ def _eval(
         return
     if max_samples:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_samples=max_samples))
+    from llmgen.evaluate.runner import parse_metrics, run_eval  # the library (torch, transformers): imported per command, so --help starts in a blink
+
     names = parse_metrics(metrics, cfg.eval.metrics)
     if predictions is not None and model is None:
         names = [m for m in names if m != "ppl"] if metrics is None else names
@@ -165,8 +173,6 @@ def _eval(
 
 
 def _print_report(report: dict, output: Optional[Path]) -> None:
-    from rich.table import Table
-
     results = report["results"]
     keys = []
     for e in results:  # headline numbers; the JSON output has everything
@@ -177,8 +183,6 @@ def _print_report(report: dict, output: Optional[Path]) -> None:
         table.add_column(k, justify="right")
     for e in results:
         table.add_row(str(e["model"] or "predictions"), *[f"{e['scores'][k]:.4f}" if k in e["scores"] else "-" for k in keys])
-    from rich.console import Console
-
     Console(width=max(100, 12 * len(keys) + 40)).print(table)
     for e in results:
         sig = e["config"].get("bleu", {}).get("signature")
@@ -192,57 +196,71 @@ app.command("eval")(_eval)
 app.command("evaluate", help="Alias of `llmgen eval`.")(_eval)
 
 
-def _gen_params(cfg: Config, **flags):
-    return merged_params(cfg.generate, **flags)
+def _flag_type(tp: Any) -> Any:
+    """The type typer parses a generate.* key's flag as (Optional[X] -> X, a Literal -> str; the config
+    then validates the value as it validates YAML)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal or (args and typing.get_origin(args[0]) is Literal):
+        return str
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return args[0]
+    return tp
+
+
+def generate_flags(command: Callable) -> Callable:
+    """Give a command one flag per generate.* config key (--max-new-tokens, --top-p, --stream/--no-stream ...),
+    typed and documented by GenerateConfig's fields, so a new sampling option is added in one place. The
+    command receives them as `flags`, a dict of the values given (flags left out are not in it)."""
+    hints = typing.get_type_hints(GenerateConfig)
+    generated = []
+    for f in dataclasses.fields(GenerateConfig):
+        name = "--" + f.name.replace("_", "-")
+        decls = [f"{name}/--no-{name[2:]}"] if hints[f.name] is bool else [name]
+        if f.metadata.get("short"):
+            decls.append(f.metadata["short"])
+        option = typer.Option(*decls, help=f.metadata.get("help"), rich_help_panel="Generation (generate.* keys)")
+        generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                           annotation=Annotated[Optional[_flag_type(hints[f.name])], option]))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        flags = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(GenerateConfig)}
+        return command(flags={k: v for k, v in flags.items() if v is not None and v != []}, **kwargs)
+
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
+    wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated)
+    wrapper.__annotations__ = {}
+    return wrapper
 
 
 @app.command()
+@generate_flags
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="Prompt text (omit with --input-file).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     print_config: PrintOpt = False,
     model: ModelOpt = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="0 = greedy.")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="CTRL penalty (>1 discourages repeats).")] = None,
-    presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty")] = None,
-    frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
-    no_repeat_ngram_size: Annotated[Optional[int], typer.Option("--no-repeat-ngram-size")] = None,
-    num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam search width (1 = off).")] = None,
-    length_penalty: Annotated[Optional[float], typer.Option("--length-penalty")] = None,
-    num_return_sequences: Annotated[Optional[int], typer.Option("--num-return-sequences")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
-    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come.")] = None,
-    truncate_prompt: Annotated[Optional[bool], typer.Option("--truncate-prompt", help="Keep the end of over-long prompts.")] = None,
-    raw: Annotated[Optional[bool], typer.Option("--raw", help="Do not apply the finetuned prompt template.")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt (instruction-tuned models).")] = None,
     input_file: Annotated[Optional[Path], typer.Option("--input-file", help="Prompts: .jsonl ({prompt}) or .txt.")] = None,
     output_file: Annotated[Optional[Path], typer.Option("--output-file", help="Results .jsonl (resumable).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per batch with --input-file.")] = 8,
     json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: int8 weight-only decoding.")] = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the decode step.")] = None,
+    flags: Optional[dict] = None,
 ) -> None:
     """Generate text from a prompt (or a file of prompts) with a trained model."""
     cfg = _load(config, set_, print_config)
     if cfg is None:
         return
-    p = _gen_params(cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                    frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                    num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
-                    seed=seed, stop=stop or None, stream=stream, truncate_prompt=truncate_prompt, raw=raw,
-                    quantize=quantize, compile=compile_)
+    from llmgen.generate.engine import Engine  # the library (torch, transformers): imported per command, so --help starts in a blink
+    from llmgen.generate.files import generate_file
+
+    p = cfg.generate.merged(**flags)
     if (input_file is None) == (prompt is None):
         raise LlmgenError("give either a PROMPT or --input-file FILE (with --output-file), not both or neither")
     if input_file is not None and output_file is None:
         raise LlmgenError("--input-file needs --output-file OUT.jsonl for the results")
-    engine = Engine.load(model, cfg.run_dir, quantize=p.quantize, compile=p.compile)
+    engine = Engine.load(model, cfg.run_dir, p.engine_options())
     ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters, {engine.device}"
             + (f", {p.quantize} weights)" if p.quantize else ")"))
     if input_file is not None:
@@ -253,18 +271,19 @@ def generate(
         templated = engine.fmt is not None and not p.raw  # an instruction model: print only its reply
         if not templated:
             typer.echo(prompt, nl=False)
-        for piece in engine.stream(prompt, p, system):
+        stream = engine.stream(prompt, p, system)
+        for piece in stream:
             typer.echo(piece, nl=False)
         typer.echo()
-        comps = [engine.last]
+        comps, st = [stream.completion], stream.stats
     else:
-        comps = engine.generate([prompt], p, system)[0]
+        result = engine.generate([prompt], p, system)
+        comps, st = result[0], result.stats
         if not json_out:
             for i, c in enumerate(comps):
                 if len(comps) > 1:
                     typer.echo(f"--- {i + 1}/{len(comps)}" + (f" (score {c.score:.3f})" if c.score is not None else ""))
                 typer.echo(c.text if engine.fmt is not None and not p.raw else prompt + c.text)
-    st = engine.stats
     if json_out:
         typer.echo(json.dumps({"model": str(engine.source), "prompt": prompt, "prompt_tokens": st.prompt_tokens,
                                "completions": [{"text": c.text, "finish_reason": c.finish_reason, "new_tokens": len(c.tokens),
@@ -278,19 +297,21 @@ def generate(
 
 
 @app.command()
+@generate_flags
 def chat(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: ModelOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt (persona).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    flags: Optional[dict] = None,
 ) -> None:
     """Multi-turn chat with a model that has a chat template (/reset, /save FILE, /exit)."""
     cfg = _load(config, set_, False)
-    p = _gen_params(cfg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    session = ChatSession(Engine.load(model, cfg.run_dir, quantize=p.quantize), p, system)
+    from llmgen.generate.chat import ChatSession, repl  # the library (torch, transformers): imported per command, so --help starts in a blink
+    from llmgen.generate.engine import Engine
+
+    p = cfg.generate.merged(**flags)
+    session = ChatSession(Engine.load(model, cfg.run_dir, p.engine_options()), p, system)
 
     def read(prompt: str) -> str:
         return input(prompt) if sys.stdin.isatty() else _read_line(prompt)
@@ -317,6 +338,8 @@ def import_(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
 ) -> None:
     """Import a Hugging Face (Llama family, Qwen2, Mistral, GPT-2) or GGUF model as an llmgen checkpoint."""
+    from llmgen.interop.hf import import_model  # the library (torch, transformers): imported per command, so --help starts in a blink
+
     folder = import_model(source, output, overwrite)
     ui.info(f"checkpoint ready: {folder} (use it with --model {folder} or finetune.base: {folder})")
 
@@ -334,6 +357,8 @@ def export(
         raise LlmgenError(f"--format {format!r} is not supported; use --format hf (then llama.cpp's "
                           f"convert_hf_to_gguf.py for GGUF)")
     cfg = load_config(config, [])
+    from llmgen.interop.export import export_hf  # the library (torch, transformers): imported per command, so --help starts in a blink
+
     folder = export_hf(model, output, overwrite, cfg.run_dir)
     ui.info(f"exported to {folder}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})")
 
@@ -347,7 +372,7 @@ def _click_errors(name: str) -> tuple[type, ...]:
     typer's: usage errors raised by either must map to their exit codes, not to 'internal error'."""
     classes = [getattr(click.exceptions, name)]
     try:
-        from typer._click import exceptions as vendored
+        from typer._click import exceptions as vendored  # only in typer >= 0.24
     except ImportError:
         vendored = None
     if vendored is not None and hasattr(vendored, name):

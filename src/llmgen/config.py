@@ -198,28 +198,61 @@ class FinetuneConfig:
     merge: bool = False  # LoRA: also write a merged full checkpoint to <finetune run>/merged
 
 
+def _flag(help: str, short: Optional[str] = None, **bounds) -> dict:
+    """Field metadata for a generate.* key: its --flag's help (and short name), and numeric bounds."""
+    return {**_rng(**bounds), "help": help, "short": short}
+
+
 @dataclass
-class GenerateConfig:
-    max_new_tokens: int = field(default=100, metadata=_rng(1))
-    temperature: float = field(default=0.8, metadata=_rng(0.0))
-    top_k: Optional[int] = field(default=None, metadata=_rng(1))
-    top_p: float = field(default=1.0, metadata=_rng(gt=0.0, hi=1.0))
-    min_p: float = field(default=0.0, metadata=_rng(0.0, 1.0))
-    repetition_penalty: float = field(default=1.0, metadata=_rng(gt=0))
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = field(default=0, metadata=_rng(0))
-    num_beams: int = field(default=1, metadata=_rng(1))
-    length_penalty: float = 1.0
-    early_stopping: bool = True
-    num_return_sequences: int = field(default=1, metadata=_rng(1))
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-    stream: bool = True
-    truncate_prompt: bool = False  # left-truncate prompts longer than the context instead of refusing
-    raw: bool = False  # do not wrap prompts in the finetuned model's prompt template
+class SamplingParams:
+    """How the engine picks tokens and when it stops: everything one generation request may set.
+    Each field is also a `llmgen generate`/`chat` flag (--max-new-tokens ...), built from this class."""
+
+    max_new_tokens: int = field(default=100, metadata=_flag("Tokens to generate.", "-n", lo=1))
+    temperature: float = field(default=0.8, metadata=_flag("0 = greedy.", "-t", lo=0.0))
+    top_k: Optional[int] = field(default=None, metadata=_flag("Sample from the k most likely tokens.", lo=1))
+    top_p: float = field(default=1.0, metadata=_flag("Nucleus sampling mass in (0, 1].", gt=0.0, hi=1.0))
+    min_p: float = field(default=0.0, metadata=_flag("Drop tokens below min_p x the top probability.", lo=0.0, hi=1.0))
+    repetition_penalty: float = field(default=1.0, metadata=_flag("CTRL penalty (>1 discourages repeats).", gt=0))
+    presence_penalty: float = field(default=0.0, metadata=_flag("Subtract this from every seen token's logit."))
+    frequency_penalty: float = field(default=0.0, metadata=_flag("Subtract this x each token's count so far."))
+    no_repeat_ngram_size: int = field(default=0, metadata=_flag("Never repeat an n-gram of this size.", lo=0))
+    num_beams: int = field(default=1, metadata=_flag("Beam search width (1 = off).", lo=1))
+    length_penalty: float = field(default=1.0, metadata=_flag("Beam scores / length^this."))
+    early_stopping: bool = field(default=True, metadata=_flag("Beam search ends when num_beams hypotheses end."))
+    num_return_sequences: int = field(default=1, metadata=_flag("Completions per prompt.", lo=1))
+    seed: Optional[int] = field(default=None, metadata=_flag("Seed for reproducible sampling."))
+    stop: list[str] = field(default_factory=list, metadata=_flag("Stop string (repeatable)."))
+    # left-truncate prompts longer than the context instead of refusing
+    truncate_prompt: bool = field(default=False, metadata=_flag("Keep the end of over-long prompts."))
+    raw: bool = field(default=False, metadata=_flag("Do not apply the finetuned prompt template."))
+
+
+@dataclass
+class EngineOptions:
+    """How the engine is built (once per model), as opposed to how each request samples."""
+
+    device: Optional[str] = None  # null = cuda when available, else cpu
     quantize: Optional[Literal["int8"]] = None  # int8 weight-only weights (4x less memory; slower on CPU)
     compile: bool = False  # torch.compile the decode step (the first generation pays the compile time)
+
+
+@dataclass
+class GenerateConfig(SamplingParams):
+    """The generate: section: sampling parameters, how the CLI prints, and the engine's options."""
+
+    stream: bool = field(default=True, metadata=_flag("Print tokens as they come."))
+    quantize: Optional[Literal["int8"]] = field(default=None, metadata=_flag("int8: int8 weight-only decoding."))
+    compile: bool = field(default=False, metadata=_flag("torch.compile the decode step."))
+
+    def engine_options(self, device: Optional[str] = None) -> EngineOptions:
+        return EngineOptions(device=device, quantize=self.quantize, compile=self.compile)
+
+    def merged(self, **overrides) -> "GenerateConfig":
+        """These settings with the given non-None values replaced (CLI flags over the config), re-validated."""
+        values = dataclasses.asdict(self)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return to_dataclass(GenerateConfig, values, "command line", "generate.")
 
 
 @dataclass

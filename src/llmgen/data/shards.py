@@ -1,7 +1,8 @@
 """Token shards: `train.bin` / `val.bin` as flat arrays of token ids, plus `meta.json`.
 
 The files are raw little-endian uint16 (vocabularies up to 65,536) or uint32, so training
-maps them with `np.memmap` and reads random windows with no copy of the corpus in memory.
+maps them with `np.memmap` and reads random windows (`WindowSampler`) with no copy of the corpus
+in memory.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from llmgen.errors import LlmgenError
 
@@ -74,3 +76,20 @@ class TokenShards:
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     (Path(folder) / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+
+
+class WindowSampler:
+    """Random windows of `seq_len + 1` tokens from a memmapped shard, seeded per (seed, step, micro, rank)."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+        if len(tokens) <= seq_len + 1:
+            raise LlmgenError(f"the prepared data has only {len(tokens)} tokens, fewer than train.seq_len + 1 "
+                              f"({seq_len + 1}); lower train.seq_len or prepare more text")
+        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+
+    def __call__(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, micro, rank])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import glob as globlib
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 from llmgen.config import DataConfig
 from llmgen.data import demo
 from llmgen.errors import LlmgenError
-from llmgen.hub import require_hub
+from llmgen.data.records import field, read_records
 
 FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 CHUNK_BYTES = 4 << 20
@@ -124,67 +123,13 @@ def split_on(pieces: Iterable[str], sep: str) -> Iterator[str]:
 # Structured files
 
 
-def _jsonl_texts(path: Path, field: str, errors: str) -> Iterator[str]:
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as e:
-                raise LlmgenError(f"{path}: line {lineno}: invalid UTF-8 at byte {e.start} of the line; fix it "
-                                  f"or set data.on_decode_error: replace") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlmgenError(f"{path}: line {lineno} is not valid JSON ({e.msg}); each line must be "
-                                  f"one JSON object") from None
-            yield _field(obj, field, f"{path}: line {lineno}")
+_TEXT_FIX = "set data.text_field to the field that holds the text"
 
 
-def _field(obj, field: str, where: str) -> str:
-    if isinstance(obj, str):
-        return obj
-    if not isinstance(obj, dict) or field not in obj:
-        keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise LlmgenError(f"{where}: no text field {field!r} (found: {keys}); set data.text_field to the "
-                          f"field that holds the text")
-    value = obj[field]
-    if not isinstance(value, str):
-        raise LlmgenError(f"{where}: field {field!r} is {type(value).__name__}, expected a string")
-    return value
-
-
-def _json_texts(path: Path, field: str) -> Iterator[str]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LlmgenError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise LlmgenError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
-    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise LlmgenError(f"{path}: expected a JSON list of records (or an object holding one list)")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise LlmgenError(f"{path}: expected a JSON list of records")
-    for i, obj in enumerate(data):
-        yield _field(obj, field, f"{path}: record {i}")
-
-
-def _table_texts(path: Path, field: str) -> Iterator[str]:
-    import datasets
-
-    kind = path.suffix.lstrip(".")
-    try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
-        for i, row in enumerate(ds):
-            yield _field(row, field, f"{path}: row {i}")
-    except LlmgenError:
-        raise
-    except Exception as e:  # pyarrow/pandas parse errors
-        raise LlmgenError(f"{path}: cannot be read as {kind}: {str(e).splitlines()[0][:200]}") from None
+def record_texts(source: str, c: DataConfig, errors: str = "strict") -> Iterator[str]:
+    """The `data.text_field` of every record of a .jsonl/.json/.csv/.parquet file or hf: dataset."""
+    for rec, where in read_records(source, what="data.source", errors=errors, split=c.split, streaming=c.streaming):
+        yield field(rec, c.text_field, where, _TEXT_FIX)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +226,7 @@ class Corpus:
                 yield Document([t])
             return
         if kind == "hf":
-            for t in _hub_texts(str(payload), c):
+            for t in record_texts(f"hf:{payload}", c):
                 t = _normalise(t)
                 if t.strip():
                     yield Document([t])
@@ -296,29 +241,7 @@ class Corpus:
                 if t.strip():
                     yield Document([t.strip("\n")])
             return
-        if suffix == ".jsonl":
-            texts = _jsonl_texts(path, c.text_field, errors)
-        elif suffix == ".json":
-            texts = _json_texts(path, c.text_field)
-        else:
-            texts = _table_texts(path, c.text_field)
-        for t in texts:
+        for t in record_texts(str(path), c, errors):
             t = _normalise(t)
             if t.strip():
                 yield Document([t])
-
-
-def _hub_texts(name: str, c: DataConfig) -> Iterator[str]:
-    """Texts of an HF hub dataset `name[:config]` through `datasets.load_dataset`."""
-    import datasets
-
-    require_hub(f"data.source hf:{name}")
-    repo, _, subset = name.partition(":")
-    try:
-        ds = datasets.load_dataset(repo, subset or None, split=c.split, streaming=c.streaming)
-    except Exception as e:
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise LlmgenError(f"data.source hf:{name}: could not load it from the Hugging Face hub ({reason}); this "
-                          f"source needs network access, or point data.source at a local copy") from None
-    for i, row in enumerate(ds):
-        yield _field(row, c.text_field, f"hf:{name} row {i}")

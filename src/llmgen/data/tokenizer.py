@@ -18,6 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from llmgen.data.chat_format import CHATML
 from llmgen.errors import LlmgenError
 
 EOT = "<|endoftext|>"
@@ -25,15 +26,6 @@ PAD = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOT, PAD, IM_START, IM_END]
-
-# ChatML: the template our own tokenizers carry; imported models bring their own.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters."""
@@ -51,7 +43,7 @@ def byte_to_unicode() -> dict[int, str]:
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the facts the rest of llmgen needs (EOT id, chat template)."""
 
-    def __init__(self, tok: HFTokenizer, chat_template: Optional[str] = CHATML_TEMPLATE,
+    def __init__(self, tok: HFTokenizer, chat_template: Optional[str] = CHATML,
                  eos_token: str = EOT, pad_token: Optional[str] = PAD, kind: str = "bpe",
                  extra_config: Optional[dict] = None):
         self.tok = tok

@@ -12,6 +12,9 @@ from typing import Any
 
 import datasets
 import evaluate
+import numpy as np
+import sacrebleu
+from rouge_score import rouge_scorer, scoring
 
 from llmgen.errors import LlmgenError
 from llmgen.config import suggest
@@ -46,7 +49,6 @@ class Bleu(evaluate.Metric):
                                    module_name="llmgen_bleu")
 
     def _compute(self, predictions, references) -> dict[str, Any]:
-        import sacrebleu
 
         refs = _ref_lists(references)
         bleu = sacrebleu.BLEU()
@@ -63,7 +65,6 @@ class Chrf(evaluate.Metric):
                                    module_name="llmgen_chrf")
 
     def _compute(self, predictions, references) -> dict[str, Any]:
-        import sacrebleu
 
         refs = _ref_lists(references)
         chrf = sacrebleu.CHRF()
@@ -83,8 +84,6 @@ class Rouge(evaluate.Metric):
                                    module_name="llmgen_rouge")
 
     def _compute(self, predictions, references, aggregation: str = "mean", seed: int = 1337) -> dict[str, Any]:
-        import numpy as np
-        from rouge_score import rouge_scorer, scoring
 
         refs = _ref_lists(references)
         scorer = rouge_scorer.RougeScorer(list(self.TYPES), use_stemmer=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata as md
 import json
 import time
 from pathlib import Path
@@ -18,8 +19,9 @@ import numpy as np
 from llmgen import ui
 from llmgen.version import __version__
 from llmgen.atomic import atomic_write_text
-from llmgen.config import Config
-from llmgen.data.instruct import iter_records, prompt_reference_pairs
+from llmgen.config import Config, EngineOptions
+from llmgen.data.instruct import prompt_reference_pairs
+from llmgen.data.records import field, read_records
 from llmgen.data.shards import TokenShards
 from llmgen.data.sources import Corpus
 from llmgen.errors import LlmgenError
@@ -27,7 +29,6 @@ from llmgen.evaluate.metrics import ALL_METRICS, load_metric
 from llmgen.evaluate.perplexity import perplexity, windows
 from llmgen.generate.engine import Engine
 
-GEN_METRICS = ("bleu", "chrf", "rouge")
 DEFAULT_PAIRS = "builtin:instructions:eval"
 
 
@@ -43,8 +44,6 @@ def parse_metrics(spec: Optional[str], default: list[str]) -> list[str]:
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {"llmgen": __version__}
     for pkg in ("torch", "transformers", "sacrebleu", "rouge-score", "evaluate"):
         try:
@@ -69,11 +68,8 @@ def ppl_tokens(cfg: Config, tok, data: Optional[str]) -> tuple[np.ndarray, Optio
     texts: list[str] = []
     path = Path(source)
     if path.suffix == ".jsonl" and path.is_file():
-        for rec, where in iter_records(str(path)):
-            field = cfg.data.text_field
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise LlmgenError(f"{where}: missing field `{field}` (text for perplexity); set data.text_field")
-            texts.append(rec[field])
+        for rec, where in read_records(str(path), what="--data"):
+            texts.append(field(rec, cfg.data.text_field, where, "set data.text_field to the field with the text"))
     else:  # any data.source form: .txt/.json/.parquet/.csv files, folders, globs, hf:<name>, builtin:stories
         dc = dataclasses.replace(cfg.data, source=source,
                                  builtin_documents=200 if source.startswith("builtin:") else cfg.data.builtin_documents,
@@ -91,20 +87,13 @@ def ppl_tokens(cfg: Config, tok, data: Optional[str]) -> tuple[np.ndarray, Optio
 
 
 def read_predictions(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+    """(predictions, references, prompts) of a --predictions file: records with `prediction` and
+    `reference` (a string or a list of strings), optionally `prompt`."""
     preds, refs, prompts = [], [], []
-    path = Path(path)
-    if not path.is_file():
-        raise LlmgenError(f"--predictions {path} does not exist")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmgenError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    for rec, where in read_records(str(path), what="--predictions"):
         for key in ("prediction", "reference"):
             if not isinstance(rec, dict) or key not in rec:
-                raise LlmgenError(f"{path}:{n}: missing field `{key}`; each line needs `prediction` and `reference`")
+                raise LlmgenError(f"{where}: missing field `{key}`; each record needs `prediction` and `reference`")
         ref = rec["reference"]
         preds.append(str(rec["prediction"]))
         refs.append([ref] if isinstance(ref, str) else [str(r) for r in ref])
@@ -155,7 +144,7 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
         entry["config"]["data"] = {"predictions": str(preds_file),
                                    "sha256": hashlib.sha256(Path(preds_file).read_bytes()).hexdigest()[:16]}
     else:
-        engine = Engine.load(model, cfg.run_dir, quantize=cfg.generate.quantize)
+        engine = Engine.load(model, cfg.run_dir, EngineOptions(quantize=cfg.generate.quantize))
         entry["model"] = str(engine.source)
         entry["config"]["quantize"] = cfg.generate.quantize
         ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters)")
@@ -227,7 +216,7 @@ def run_eval(cfg: Config, models: list[Optional[str]], metrics: list[str], data:
 
 
 def plot_comparison(entries: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s); only when a chart is written
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

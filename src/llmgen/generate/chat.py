@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from llmgen.atomic import atomic_write_text
-from llmgen.config import GenerateConfig
-from llmgen.data.instruct import Messages, PromptFormat
+from llmgen.config import SamplingParams
+from llmgen.data.chat_format import Messages, PromptFormat
 from llmgen.errors import LlmgenError
 from llmgen.generate.engine import Engine
 
@@ -20,13 +20,12 @@ HELP = "commands: /reset (forget the conversation), /save FILE (write it as JSON
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, params: GenerateConfig, system: Optional[str] = None):
-        if engine.fmt is None:
-            if not engine.tok.chat_template:
-                raise LlmgenError(f"the model {engine.source} has no chat template and was not instruction-finetuned, "
-                                  f"so it cannot chat; finetune it (`llmgen finetune`, which saves a prompt format) or "
-                                  f"use `llmgen generate` for plain completion")
-            engine.fmt = PromptFormat("chat_template")
+    def __init__(self, engine: Engine, params: SamplingParams, system: Optional[str] = None):
+        if engine.fmt is None and not engine.tok.chat_template:
+            raise LlmgenError(f"the model {engine.source} has no chat template and was not instruction-finetuned, "
+                              f"so it cannot chat; finetune it (`llmgen finetune`, which saves a prompt format) or "
+                              f"use `llmgen generate` for plain completion")
+        self.fmt = engine.fmt or PromptFormat("chat_template")  # how the engine renders message lists
         self.engine, self.params, self.system = engine, params, system
         self.history: Messages = []
 
@@ -37,7 +36,7 @@ class ChatSession:
         """Drop the oldest exchanges until the prompt leaves room for a reply in the context."""
         budget = self.engine.cfg.max_seq_len - min(self.params.max_new_tokens, self.engine.cfg.max_seq_len // 2)
         while True:
-            n = len(self.engine.tok.encode(self.engine.fmt.prompt(self.engine.tok, self.messages()), specials=True))
+            n = len(self.engine.tok.encode(self.fmt.prompt(self.engine.tok, self.messages()), specials=True))
             if n <= budget or len(self.history) <= 1:
                 return
             self.history = self.history[2:] if len(self.history) > 2 else self.history[-1:]

@@ -1,8 +1,10 @@
 """The decoding engine: prefill the prompts, then decode token by token from a preallocated KV cache.
 
-    engine = Engine.load("runs/quickstart")            # or Engine(model, tokenizer)
-    [[c]] = engine.generate(["Once upon a time"], GenerateConfig(max_new_tokens=50))
-    for piece in engine.stream("Once upon a time", params): print(piece, end="")
+    engine = Engine.load("runs/quickstart")            # or Engine(model, tokenizer, options=EngineOptions())
+    result = engine.generate(["Once upon a time"], SamplingParams(max_new_tokens=50))
+    [[c]] = result                                      # per prompt, its completions; result.stats: timing
+    stream = engine.stream("Once upon a time", params)
+    for piece in stream: print(piece, end="")          # then stream.completion, stream.stats
 
 Prompts of different lengths share one batch: they are left-padded, every row gets its own
 positions, and an attention mask hides the padding. Sampling is a chain of the pure logits
@@ -13,16 +15,15 @@ processors in `sampling.py`. Generation ends per row on EOS, on a stop token, on
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llmgen.config import GenerateConfig, to_dataclass
-from llmgen.data.instruct import Messages, PromptFormat
+from llmgen.config import EngineOptions, SamplingParams
+from llmgen.data.chat_format import Messages, PromptFormat
 from llmgen.errors import LlmgenError
 from llmgen.generate import sampling as S
 from llmgen.interop.load import load_model
@@ -55,7 +56,28 @@ class GenerationStats:
         return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
 
 
-def check_params(p: GenerateConfig) -> None:
+class Generation(list):
+    """What `Engine.generate` produced: a list with, per prompt, its completions; `stats` for the call."""
+
+    def __init__(self, completions: list[list[Completion]], stats: GenerationStats):
+        super().__init__(completions)
+        self.stats = stats
+
+
+class Stream:
+    """What `Engine.stream` produced: iterate for the text pieces; afterwards `completion` holds the whole
+    completion (as `generate` would return it for the same seed) and `stats` the call's timing."""
+
+    def __init__(self, pieces: Callable[["Stream"], Iterator[str]], stats: GenerationStats):
+        self.completion: Optional[Completion] = None
+        self.stats = stats
+        self._pieces = pieces(self)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+def check_params(p: SamplingParams) -> None:
     """Reject parameter combinations that cannot mean anything (ranges are checked by the config)."""
     if p.num_return_sequences > 1 and p.num_beams > 1 and p.num_return_sequences > p.num_beams:
         raise LlmgenError(f"num_return_sequences = {p.num_return_sequences} exceeds num_beams = {p.num_beams}; "
@@ -95,9 +117,10 @@ def _first_stop(text: str, stops: list[str]) -> int:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, fmt: Optional[PromptFormat] = None,
-                 device: Optional[Union[str, torch.device]] = None, source: str = "", fuse: bool = True,
-                 quantize: Optional[str] = None, compile: bool = False):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 options: Optional[EngineOptions] = None, source: str = "", fuse: bool = True):
+        options = options or EngineOptions()
+        quantize = options.quantize
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.model = model.to(self.device, dtype=dtype).eval()
         self.n_params = model.num_params()
@@ -109,38 +132,35 @@ class Engine:
         # a small step costs, so guards skip the model's attributes (the engine never changes the
         # model after this point; inputs' shapes and dtypes are still checked), and on the CPU the
         # graph is called through inductor's C++ wrapper.
-        options = {}
+        inductor = {}
         if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # torch >= 2.8
-            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            inductor["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         if self.device.type == "cpu":
-            options["cpp_wrapper"] = True
-        self._compiled = torch.compile(self._step, dynamic=False, options=options) if compile else None
+            inductor["cpp_wrapper"] = True
+        self._compiled = torch.compile(self._step, dynamic=False, options=inductor) if options.compile else None
         self._compiled_shapes: set[tuple[int, int]] = set()  # (batch, cache size) already compiled
         self.dtype = dtype
         self.tok = tokenizer
         self.fmt = fmt
         self.source = source
         self.cfg = model.cfg
-        self.stats = GenerationStats()
 
     @classmethod
-    def load(cls, path: Optional[str] = None, run_dir: str = "runs/quickstart", device=None,
-             quantize: Optional[str] = None, compile: bool = False) -> "Engine":
+    def load(cls, path: Optional[str] = None, run_dir: str = "runs/quickstart",
+             options: Optional[EngineOptions] = None, fmt: Optional[PromptFormat] = None) -> "Engine":
+        """The engine for a model anything `--model` accepts names; `fmt` overrides its prompt format."""
         lm = load_model(path, run_dir)
-        return cls(lm.model, lm.tokenizer, lm.prompt_format, device, str(lm.folder), quantize=quantize,
-                   compile=compile)
+        return cls(lm.model, lm.tokenizer, fmt or lm.prompt_format, options, str(lm.folder))
 
     # ------------------------------------------------------------------ prompts
 
-    def prompt_ids(self, prompt: Prompt, p: GenerateConfig, system: Optional[str] = None) -> list[int]:
+    def prompt_ids(self, prompt: Prompt, p: SamplingParams, system: Optional[str] = None) -> list[int]:
         """Token ids for a prompt: plain text, or messages rendered with the model's prompt format."""
-        if isinstance(prompt, list):
-            fmt = self.fmt or PromptFormat.choose(self.tok, None)
-            msgs = ([{"role": "system", "content": system}] if system else []) + prompt
+        fmt = self.format_for([prompt], p)
+        if fmt is not None:
+            turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            msgs = ([{"role": "system", "content": system}] if system else []) + turns
             ids = self.tok.encode(fmt.prompt(self.tok, msgs), specials=True)
-        elif self.fmt is not None and not p.raw:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            ids = self.tok.encode(self.fmt.prompt(self.tok, msgs), specials=True)
         else:
             ids = self.tok.encode(prompt)
         if not ids:
@@ -155,11 +175,16 @@ class Engine:
             ids = ids[-max(1, ctx - p.max_new_tokens):]
         return ids
 
-    def _stops(self, p: GenerateConfig) -> tuple[set[int], list[str]]:
+    def format_for(self, prompts: list[Prompt], p: SamplingParams) -> Optional[PromptFormat]:
+        """The prompt format these prompts are rendered with: the model's (unless `raw`), and for message
+        lists its tokenizer's chat template when it was not instruction-finetuned; None = plain text."""
+        if any(isinstance(x, list) for x in prompts):
+            return self.fmt or PromptFormat.choose(self.tok, None)
+        return self.fmt if not p.raw else None
+
+    def _stops(self, p: SamplingParams, fmt: Optional[PromptFormat]) -> tuple[set[int], list[str]]:
         """Stop token ids (EOS, special tokens named as stops) and text-level stop strings."""
-        strings = list(p.stop)
-        if self.fmt is not None and not p.raw:
-            strings += self.fmt.stops(self.tok)
+        strings = list(p.stop) + (fmt.stops(self.tok) if fmt is not None else [])
         ids = {self.tok.eot_id}
         text = []
         for s in strings:
@@ -173,40 +198,46 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompts: list[Prompt], p: GenerateConfig, system: Optional[str] = None
-                 ) -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], p: SamplingParams, system: Optional[str] = None) -> Generation:
         """Completions for every prompt (num_return_sequences each), batched."""
         check_params(p)
         rows = [self.prompt_ids(x, p, system) for x in prompts]
-        self.stats = GenerationStats(prompt_tokens=sum(map(len, rows)))
+        stats = GenerationStats(prompt_tokens=sum(map(len, rows)))
         gen = torch.Generator(device=self.device)
         if p.seed is not None:
             gen.manual_seed(p.seed)
         else:
             gen.seed()
+        stops = self._stops(p, self.format_for(prompts, p))
         if p.num_beams > 1:
-            return [self._beam_search(r, p) for r in rows]
+            return Generation([self._beam_search(r, p, stops, stats) for r in rows], stats)
         n = p.num_return_sequences
         expanded = [r for r in rows for _ in range(n)]
-        outs = self._decode_batch(expanded, p, gen)
-        return [outs[i * n:(i + 1) * n] for i in range(len(rows))]
+        outs = self._decode_batch(expanded, p, gen, stops, stats)
+        return Generation([outs[i * n:(i + 1) * n] for i in range(len(rows))], stats)
 
-    def stream(self, prompt: Prompt, p: GenerateConfig, system: Optional[str] = None) -> Iterator[str]:
-        """Text pieces as they are produced (one prompt, sampling or greedy); the completion that
-        `generate` would return for the same seed is left in `self.last`."""
+    def stream(self, prompt: Prompt, p: SamplingParams, system: Optional[str] = None) -> Stream:
+        """Text pieces as they are produced (one prompt, sampling or greedy); see `Stream`. Bad
+        parameters and prompts are refused here, before the first piece."""
         check_params(p)
         if p.num_beams > 1 or p.num_return_sequences > 1:
             raise LlmgenError("streaming prints one sequence; use --no-stream with num_beams or num_return_sequences")
         ids = self.prompt_ids(prompt, p, system)
-        self.stats = GenerationStats(prompt_tokens=len(ids))
         gen = torch.Generator(device=self.device)
         gen.manual_seed(p.seed) if p.seed is not None else gen.seed()
-        stop_ids, stop_text = self._stops(p)
+        stops = self._stops(p, self.format_for([prompt], p))
+        return Stream(lambda out: self._stream_pieces(ids, p, gen, stops, out), GenerationStats(prompt_tokens=len(ids)))
+
+    def _stream_pieces(self, ids: list[int], p: SamplingParams, gen: torch.Generator,
+                       stops: tuple[set[int], list[str]], out: Stream) -> Iterator[str]:
+        stop_ids, stop_text = stops
         hold = max((len(s) for s in stop_text), default=1) - 1
         dec = IncrementalDecoder(self.tok)
         text, emitted = "", 0
-        for tokens in self._steps([ids], p, gen):
-            t = tokens[0]
+        new: list[int] = []
+        for generated in self._steps([ids], p, gen, out.stats):
+            new = generated[0]
+            t = new[-1]
             if t in stop_ids:
                 break
             text += dec.push(t)
@@ -218,8 +249,8 @@ class Engine:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-        self.last = self._finish(ids, self._last_rows[0], p, stop_ids, stop_text)
-        final = self.last.text
+        out.completion = self._finish(ids, new, p, stop_ids, stop_text)
+        final = out.completion.text
         if len(final) > emitted:
             yield final[emitted:]
 
@@ -245,9 +276,10 @@ class Engine:
             return self._logits(idx, cache, pos, mask, positions)
 
     @torch.inference_mode()
-    def _steps(self, rows: list[list[int]], p: GenerateConfig, gen: torch.Generator) -> Iterator[list[int]]:
-        """Yield the next token of every row, step by step; `self._last_rows` holds the new tokens so far.
-        The caller decides when to stop (it simply stops iterating)."""
+    def _steps(self, rows: list[list[int]], p: SamplingParams, gen: torch.Generator,
+               stats: GenerationStats) -> Iterator[list[list[int]]]:
+        """Yield every row's new tokens so far, one more each step (timing goes to `stats`). The caller
+        decides when to stop (it simply stops iterating)."""
         B, L = len(rows), max(map(len, rows))
         max_new = min(p.max_new_tokens, self.cfg.max_seq_len - L)
         dev = self.device
@@ -268,7 +300,7 @@ class Engine:
             mask = mask[:, None]  # (B, 1, L, L)
         t0 = time.perf_counter()
         logits = self._forward(idx, cache, 0, mask, positions)
-        self.stats.prefill_s += time.perf_counter() - t0
+        stats.prefill_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         greedy = p.temperature == 0.0
         penalties = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
@@ -277,24 +309,24 @@ class Engine:
             counts = torch.zeros(B, self.cfg.vocab_size, device=dev, dtype=torch.int32)
             for i, r in enumerate(rows):
                 counts[i].index_add_(0, torch.tensor(r, device=dev), torch.ones(len(r), device=dev, dtype=torch.int32))
-        self._last_rows = [[] for _ in range(B)]
+        generated: list[list[int]] = [[] for _ in range(B)]
         for step in range(max_new):
             if penalties:
                 logits = S.repetition_penalty(logits, counts > 0, p.repetition_penalty)
                 logits = S.presence_frequency_penalty(logits, counts, p.presence_penalty, p.frequency_penalty)
             if p.no_repeat_ngram_size:
-                logits = S.no_repeat_ngram(logits, [r + g for r, g in zip(rows, self._last_rows)], p.no_repeat_ngram_size)
+                logits = S.no_repeat_ngram(logits, [r + g for r, g in zip(rows, generated)], p.no_repeat_ngram_size)
             if not greedy:
                 logits = S.min_p(S.top_p(S.top_k(S.temperature(logits, p.temperature), p.top_k), p.top_p), p.min_p)
             nxt = S.pick(logits, greedy, gen)  # (B,)
             if counts is not None:
                 counts[torch.arange(B, device=dev), nxt] += 1
             tokens = nxt.tolist()
-            for g, t in zip(self._last_rows, tokens):
+            for g, t in zip(generated, tokens):
                 g.append(t)
-            self.stats.new_tokens += B
-            self.stats.decode_s = time.perf_counter() - t0 - self.stats.compile_s
-            yield tokens
+            stats.new_tokens += B
+            stats.decode_s = time.perf_counter() - t0 - stats.compile_s
+            yield generated
             if step == max_new - 1:
                 break
             pos = L + step
@@ -303,31 +335,32 @@ class Engine:
                 logits = self._compiled(nxt, cache, torch.tensor([pos], device=dev), valid, pad_t)
                 if new_shape:  # this call compiled the step (or loaded it from inductor's cache)
                     self._compiled_shapes.add((B, size))
-                    self.stats.compile_s += time.perf_counter() - t1
+                    stats.compile_s += time.perf_counter() - t1
                 continue
             step_mask = valid[:, None, None, :pos + 1] if ragged else None
             step_pos = (pos - pad_t)[:, None] if ragged else None
             logits = self._forward(nxt[:, None], cache, pos, step_mask, step_pos)
 
-    def _decode_batch(self, rows: list[list[int]], p: GenerateConfig, gen: torch.Generator) -> list[Completion]:
-        stop_ids, stop_text = self._stops(p)
+    def _decode_batch(self, rows: list[list[int]], p: SamplingParams, gen: torch.Generator,
+                      stops: tuple[set[int], list[str]], stats: GenerationStats) -> list[Completion]:
+        stop_ids, stop_text = stops
         done = [False] * len(rows)
         tail = max((len(s) for s in stop_text), default=0) * 4 + 8
-        for tokens in self._steps(rows, p, gen):
-            for i, t in enumerate(tokens):
+        generated: list[list[int]] = [[] for _ in rows]
+        for generated in self._steps(rows, p, gen, stats):
+            for i, g in enumerate(generated):
                 if done[i]:
                     continue
-                if t in stop_ids:
+                if g[-1] in stop_ids:
                     done[i] = True
                 elif stop_text:
-                    g = self._last_rows[i]
                     if _first_stop(self.tok.decode(g[-tail:], skip_special_tokens=True), stop_text) >= 0:
                         done[i] = True
             if all(done):
                 break
-        return [self._finish(r, g, p, stop_ids, stop_text) for r, g in zip(rows, self._last_rows)]
+        return [self._finish(r, g, p, stop_ids, stop_text) for r, g in zip(rows, generated)]
 
-    def _finish(self, prompt: list[int], new: list[int], p: GenerateConfig, stop_ids: set[int],
+    def _finish(self, prompt: list[int], new: list[int], p: SamplingParams, stop_ids: set[int],
                 stop_text: list[str], score: Optional[float] = None) -> Completion:
         """Cut a row's new tokens at its first stop and decode them."""
         reason = "length"
@@ -345,11 +378,12 @@ class Engine:
         return Completion(text, new, reason, len(prompt), score)
 
     @torch.inference_mode()
-    def _beam_search(self, ids: list[int], p: GenerateConfig) -> list[Completion]:
+    def _beam_search(self, ids: list[int], p: SamplingParams, stops: tuple[set[int], list[str]],
+                     stats: GenerationStats) -> list[Completion]:
         """Beam search over one prompt; returns the best num_return_sequences hypotheses."""
         nb, L = p.num_beams, len(ids)
         max_new = min(p.max_new_tokens, self.cfg.max_seq_len - L)
-        stop_ids, stop_text = self._stops(p)
+        stop_ids, stop_text = stops
         cache = KVCache.allocate(self.cfg, nb, L + max_new, self.device, self.dtype)
         t0 = time.perf_counter()
         logits = self._forward(torch.tensor([ids], device=self.device), cache, 0)
@@ -398,7 +432,7 @@ class Engine:
             cache.reorder(src, L + step)
             beams = [beams[b] + [t] for _, b, t in nxt]
             scores = torch.tensor([s for s, _, _ in nxt], device=self.device)
-            self.stats.new_tokens += 1
+            stats.new_tokens += 1
             if step == max_new - 1:
                 break
             logits = self._forward(torch.tensor([[t] for _, _, t in nxt], device=self.device), cache, L + step)
@@ -406,7 +440,7 @@ class Engine:
             if len(finished) < nb or not p.early_stopping:
                 finished.append((norm(s, len(b)), b, "length"))
         finished.sort(key=lambda h: -h[0])
-        self.stats.decode_s += time.perf_counter() - t0
+        stats.decode_s += time.perf_counter() - t0
         out = []
         for sc, toks, reason in finished[:p.num_return_sequences]:
             c = self._finish(ids, toks, p, stop_ids, stop_text, score=sc)
@@ -414,10 +448,3 @@ class Engine:
                 c.finish_reason = reason
             out.append(c)
         return out
-
-
-def merged_params(base: GenerateConfig, **overrides) -> GenerateConfig:
-    """`base` with the given non-None values replaced (CLI flags over config defaults), re-validated."""
-    vals = dataclasses.asdict(base)
-    vals.update({k: v for k, v in overrides.items() if v is not None})
-    return to_dataclass(GenerateConfig, vals, "command line", "generate.")

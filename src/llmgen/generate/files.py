@@ -16,34 +16,25 @@ from typing import Any, Optional
 
 from llmgen import ui
 from llmgen.atomic import atomic_write_text
-from llmgen.config import GenerateConfig
-from llmgen.data.instruct import validate_messages
+from llmgen.config import SamplingParams
+from llmgen.data.chat_format import validate_messages
+from llmgen.data.records import read_records
 from llmgen.errors import LlmgenError
 from llmgen.generate.engine import Engine
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise LlmgenError(f"--input-file {path} does not exist")
+    """Prompt rows of an --input-file: records with `prompt` (or chat `messages`), or a .txt with one
+    prompt per line."""
     rows = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlmgenError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
-            if isinstance(obj, str):
-                obj = {"prompt": obj}
-            if not isinstance(obj, dict) or not ("prompt" in obj or "messages" in obj):
-                raise LlmgenError(f"{path}:{n}: each line needs a `prompt` string (or `messages` for a chat)")
-            if "messages" in obj:
-                validate_messages(obj["messages"], f"{path}:{n}")
-            rows.append(obj)
-    else:
-        rows = [{"prompt": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for obj, where in read_records(str(path), what="--input-file", txt_lines=True):
+        if isinstance(obj, str):
+            obj = {"prompt": obj}
+        if not isinstance(obj, dict) or not ("prompt" in obj or "messages" in obj):
+            raise LlmgenError(f"{where}: each record needs a `prompt` string (or `messages` for a chat)")
+        if "messages" in obj:
+            validate_messages(obj["messages"], where)
+        rows.append(obj)
     if not rows:
         raise LlmgenError(f"--input-file {path} holds no prompts")
     return rows
@@ -62,7 +53,7 @@ def _done_results(out: Path) -> list[dict]:
     return good
 
 
-def generate_file(engine: Engine, input_file: Path, output_file: Path, p: GenerateConfig,
+def generate_file(engine: Engine, input_file: Path, output_file: Path, p: SamplingParams,
                   batch_size: int = 8, system: Optional[str] = None) -> tuple[int, int]:
     """Returns (prompts generated now, prompts that were already done)."""
     rows = read_prompts(input_file)
@@ -86,7 +77,7 @@ def generate_file(engine: Engine, input_file: Path, output_file: Path, p: Genera
             prompts = [rows[i].get("messages") or rows[i]["prompt"] for i in chunk]
             t0 = time.perf_counter()
             outs = engine.generate(prompts, p, system)
-            dt = time.perf_counter() - t0 - engine.stats.compile_s  # a compiling first call is not decoding
+            dt = time.perf_counter() - t0 - outs.stats.compile_s  # a compiling first call is not decoding
             for i, comps in zip(chunk, outs):
                 rec = {"index": i, **({"id": rows[i]["id"]} if "id" in rows[i] else {}),
                        "prompt": rows[i].get("prompt"),

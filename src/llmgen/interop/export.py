@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from llmgen.atomic import atomic_dir
-from llmgen.data.instruct import NAMED_JINJA
+from llmgen.data.chat_format import NAMED_TEMPLATES
 from llmgen.errors import LlmgenError
 from llmgen.interop.hf import hf_config_from_ours, ours_to_hf
 from llmgen.interop.load import load_model
@@ -18,7 +18,7 @@ from llmgen.interop.load import load_model
 
 def export_hf(model_path: Optional[str], output: Path, overwrite: bool = False, run_dir: str = "runs/quickstart") -> Path:
     """Write a transformers model folder (merged weights, tokenizer with chat template, generation config)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast  # slow to import
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
@@ -36,7 +36,7 @@ def export_hf(model_path: Optional[str], output: Path, overwrite: bool = False, 
         raise RuntimeError(f"export left weights unset: {missing[:3]}")
     template = tok.chat_template
     if lm.prompt_format is not None and lm.prompt_format.name != "chat_template":
-        template = NAMED_JINJA[lm.prompt_format.name]
+        template = NAMED_TEMPLATES[lm.prompt_format.name]
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token=tok.eos_token, pad_token=tok.pad_token,
                                      chat_template=template, clean_up_tokenization_spaces=False,
                                      **{k: v for k, v in tok.extra_config.items() if k in ("bos_token", "unk_token")})

@@ -152,7 +152,7 @@ def ours_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
 
 
 def hf_config_from_ours(cfg: ModelConfig, tok) -> Any:
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config  # slow to import: only when converting
 
     ids = dict(bos_token_id=tok.token_id(tok.extra_config.get("bos_token") or tok.eos_token), eos_token_id=tok.eot_id,
                pad_token_id=tok.pad_id)
@@ -179,7 +179,7 @@ def hf_config_from_ours(cfg: ModelConfig, tok) -> Any:
 
 def _load_hf(source: str):
     """(transformers model, tokenizer) for an HF folder, hf:<hub id> or a .gguf file, in fp32."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # slow to import
 
     kwargs: dict[str, Any] = {}
     if source.startswith("hf:"):
@@ -190,7 +190,7 @@ def _load_hf(source: str):
         if not path.is_file():
             raise LlmgenError(f"{source} does not exist; fetch SmolLM2 with `bash scripts/fetch_smollm2.sh`")
         try:
-            import gguf  # noqa: F401
+            import gguf  # noqa: F401  (optional extra: llmgen[gguf])
         except ImportError:
             raise LlmgenError("reading .gguf files needs the gguf package: pip install 'llmgen[gguf]'") from None
         where, kwargs = str(path.parent), {"gguf_file": path.name}

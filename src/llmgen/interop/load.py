@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from llmgen.data.instruct import PromptFormat
+from llmgen.data.chat_format import PromptFormat
 from llmgen.data.tokenizer import Tokenizer
 from llmgen.errors import LlmgenError
 from llmgen.interop.hf import import_model

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmgen.config import LoraConfig
 from llmgen.errors import LlmgenError
 
 ADAPTER_FILE = "adapter_model.safetensors"
+
+# peft is imported where it is used: importing it loads transformers (seconds), which plain
+# pretraining and generation never need.
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
@@ -51,7 +55,6 @@ def lora_info(lc: LoraConfig) -> dict[str, Any]:
 
 def save_adapter(folder: Path, model: torch.nn.Module) -> None:
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     sd = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(sd, str(Path(folder) / ADAPTER_FILE))
@@ -61,7 +64,6 @@ def save_adapter(folder: Path, model: torch.nn.Module) -> None:
 
 def load_adapter_weights(model: torch.nn.Module, folder: Path) -> None:
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     path = Path(folder) / ADAPTER_FILE
     if not path.is_file():

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 from accelerate.utils import FullyShardedDataParallelPlugin
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -61,8 +62,6 @@ def load_optimizer_state(model, optimizer, state: dict, fsdp: bool) -> None:
 def full_weights_saver(weights: dict[str, torch.Tensor]) -> Callable:
     """A save_weights hook writing an already gathered state dict (tied weights stored once)."""
     def save(folder: Path, model: torch.nn.Module) -> None:
-        from safetensors.torch import save_file
-
         sd = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         if getattr(model.cfg, "tie_embeddings", False):
             sd.pop("tok_emb.weight", None)  # as safetensors.save_model stores tied weights

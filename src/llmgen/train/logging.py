@@ -21,7 +21,7 @@ class RunLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.tb = None
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
 
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         except Exception:  # tensorboard not installed: optional
@@ -38,7 +38,7 @@ class RunLog:
 
     def plot(self) -> None:
         """Write loss.png: train loss per logged step and val loss per eval."""
-        import matplotlib
+        import matplotlib  # heavy (~0.5 s); only when a chart is written
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

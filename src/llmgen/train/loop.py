@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from llmgen import ui
@@ -35,23 +34,6 @@ from llmgen.train.run_dir import RunDir, rng_state, set_rng_state
 # A batch provider: (step, micro_step, rank) -> (inputs (B, T), targets (B, T)[, model kwargs such as
 # attn_mask/positions for packed examples]), deterministic.
 BatchFn = Callable[[int, int, int], tuple]
-
-
-class WindowSampler:
-    """Random windows of `seq_len + 1` tokens from a memmapped shard, seeded per (seed, step, micro, rank)."""
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
-        if len(tokens) <= seq_len + 1:
-            raise LlmgenError(f"the prepared data has only {len(tokens)} tokens, fewer than train.seq_len + 1 "
-                              f"({seq_len + 1}); lower train.seq_len or prepare more text")
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-
-    def __call__(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro, rank])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
-        rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
-        t = torch.from_numpy(rows)
-        return t[:, :-1], t[:, 1:]
 
 
 @dataclass
@@ -266,11 +248,10 @@ class Trainer:
         if acc.num_processes > 1 and not self.fsdp:
             checksum = dist.check_ranks_in_sync(acc, self.net)
             self.say(f"{acc.num_processes} ranks in sync (weight checksum {checksum:.6f})")
-        final = None
         if self.main:
             best = self.run.step_dir(st.best_step)
             chosen = best if self.t.keep == "best" and st.best_step >= 0 else self.run.checkpoints()[-1][1]
-            final = self.run.publish_final(chosen)
+            self.run.publish_final(chosen)
             self.log.plot()
         acc.wait_for_everyone()
         rate = self.tokens_per_step * (st.step - self.start_step) / max(time.perf_counter() - self.t_start, 1e-9)

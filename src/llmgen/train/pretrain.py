@@ -7,11 +7,11 @@ import dataclasses
 import torch
 
 from llmgen.config import Config
-from llmgen.data.shards import TokenShards
+from llmgen.data.shards import TokenShards, WindowSampler
 from llmgen.errors import LlmgenError
 from llmgen.model.checkpoint import list_checkpoints, read_model_config
 from llmgen.model.transformer import Transformer
-from llmgen.train.loop import TrainJob, TrainResult, WindowSampler, train
+from llmgen.train.loop import TrainJob, TrainResult, train
 
 
 def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
