@@ -37,7 +37,7 @@ def hf_model(mcfg):
 
     hc = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=mcfg.ffn_hidden,
                      num_hidden_layers=mcfg.n_layer, num_attention_heads=mcfg.n_head,
-                     num_key_value_heads=mcfg.n_kv_head or mcfg.n_head, max_position_embeddings=mcfg.max_seq_len,
+                     num_key_value_heads=mcfg.n_kv, max_position_embeddings=mcfg.max_seq_len,
                      rope_theta=mcfg.rope_theta, rms_norm_eps=mcfg.norm_eps, tie_word_embeddings=mcfg.tie_embeddings,
                      attention_bias=False, mlp_bias=False)
     hc._attn_implementation = "sdpa"

@@ -323,7 +323,7 @@ def _check_consistency(cfg: Config, where: str) -> None:
     m = cfg.model
     if m.d_model % m.n_head:
         raise LlmgenError(f"{where}: model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-    kv = m.n_kv_head or m.n_head
+    kv = m.n_kv
     if m.n_head % kv:
         raise LlmgenError(f"{where}: model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({kv})")
     if cfg.train.min_lr > cfg.train.lr:

@@ -163,7 +163,7 @@ def hf_config_from_ours(cfg: ModelConfig, tok) -> Any:
                           tie_word_embeddings=cfg.tie_embeddings, architectures=["GPT2LMHeadModel"], **ids)
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
                   num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                  num_key_value_heads=cfg.n_kv_head or cfg.n_head, max_position_embeddings=cfg.max_seq_len,
+                  num_key_value_heads=cfg.n_kv, max_position_embeddings=cfg.max_seq_len,
                   rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
                   hidden_act="silu", **ids)
     if cfg.rope_scaling_factor != 1.0:
