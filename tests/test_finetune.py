@@ -108,8 +108,8 @@ def test_truncation_counts_and_drops_examples_without_reply():
     tok = bytes_tokenizer()
     convs = [[{"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "ok"}],
              [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y" * 100}]]
-    out, truncated = encode_examples(tok, PromptFormat("chatml"), convs, 64, False)
-    assert truncated == 2 and len(out) == 1 and len(out[0][0]) == 64
+    out, truncated, dropped = encode_examples(tok, PromptFormat("chatml"), convs, 64, False)
+    assert truncated == 1 and dropped == 1 and len(out) == 1 and len(out[0][0]) == 64
 
 
 def test_full_and_freeze_finetune_through_cli(cli, tmp_path):

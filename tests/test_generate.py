@@ -227,7 +227,7 @@ def test_cli_generate_errors(cli, ckpt, tmp_path):
     assert code == 2 and "beam" in err
     (ckpt / "model.safetensors").write_bytes(b"garbage" * 10)
     code, _, err = cli("generate", "Hi", "--model", ckpt)
-    assert code == 2 and "corrupt" in err
+    assert code == 2 and "damaged" in err
     (ckpt / "model.safetensors").unlink()
     code, _, err = cli("generate", "Hi", "--model", ckpt)
     assert code == 2 and "model.safetensors" in err and len(err.strip().splitlines()) == 1

@@ -104,7 +104,7 @@ def test_failure_keeps_previous_output(tmp_path):
     with pytest.raises(LlmgenError, match="bad.jsonl:4: not valid JSON"):
         prepare(load_config(None, [f"data.source={bad}", "tokenizer.type=bytes", f"data.prepared_dir={out}"]))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl", "p"]  # no temp folder left
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl", "p"]  # no temp folder or lock left
 
 
 def test_empty_corpus_and_tiny_corpus(tmp_path):

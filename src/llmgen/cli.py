@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmgen import ui
+from llmgen.atomic import disk_full_error
 from llmgen.config import Config, GenerateConfig, load_config
 from llmgen.errors import LlmgenError
 from llmgen.version import __version__
@@ -396,6 +397,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
+        full = disk_full_error(e, Path(getattr(e, "filename", None) or "."))  # a full disk anywhere is not a bug
+        if full is not None:
+            print(f"error: {_one_line(full)}", file=sys.stderr)
+            sys.exit(2)
         if _state["debug"]:
             traceback.print_exc()
         else:

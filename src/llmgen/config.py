@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from llmgen import ui
 from llmgen.atomic import atomic_write_text
 from llmgen.errors import LlmgenError
 
@@ -278,8 +279,11 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    # the dotted keys the YAML file and --set named (not the defaults); set by build_config
+    explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "explicit"}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -305,6 +309,7 @@ def build_config(raw: dict[str, Any], where: str = "config") -> Config:
     """Validate a nested dict (as read from YAML) into a Config."""
     raw = dict(raw)
     model = raw.get("model")
+    from_preset: dict[str, Any] = {}  # model keys the preset supplies (the user did not set them)
     if model is None or isinstance(model, dict):
         model = dict(model or {})
         preset = model.get("preset", ModelConfig.preset)
@@ -312,25 +317,48 @@ def build_config(raw: dict[str, Any], where: str = "config") -> Config:
             if preset not in MODEL_PRESETS:
                 raise LlmgenError(f"{where}: model.preset {preset!r} is unknown{suggest(str(preset), MODEL_PRESETS)}; "
                                   f"choose one of {', '.join(MODEL_PRESETS)} or set preset: null and the shape keys")
-            model = {**MODEL_PRESETS[preset], **model}
+            from_preset = {k: v for k, v in MODEL_PRESETS[preset].items() if k not in model}
+            if "n_head" in model:  # a KV-head count only means something with the head count it was set for
+                from_preset.pop("n_kv_head", None)
+            model = {**from_preset, **model}
         raw["model"] = model
+    given = _dotted_keys({k: v for k, v in raw.items() if k != "model"})
+    given |= {f"model.{k}" for k in raw.get("model", {}) if k not in from_preset} if isinstance(raw.get("model"), dict) else set()
     cfg = to_dataclass(Config, raw, where, prefix="")
-    _check_consistency(cfg, where)
-    return cfg
+    _check_consistency(cfg, where, {k: cfg.model.preset for k in from_preset})
+    return dataclasses.replace(cfg, explicit=frozenset(given))
 
 
-def _check_consistency(cfg: Config, where: str) -> None:
+def _dotted_keys(raw: dict[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in raw.items():
+        out |= _dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def _check_consistency(cfg: Config, where: str, preset_keys: Optional[dict[str, str]] = None) -> None:
     m = cfg.model
+
+    def origin(key: str) -> str:  # where a model value came from, when the user did not write it
+        name = (preset_keys or {}).get(key)
+        return f" (from model.preset {name}: set model.{key} to change it)" if name else ""
+
     if m.d_model % m.n_head:
-        raise LlmgenError(f"{where}: model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-    kv = m.n_kv
-    if m.n_head % kv:
-        raise LlmgenError(f"{where}: model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({kv})")
+        raise LlmgenError(f"{where}: model.d_model ({m.d_model}{origin('d_model')}) must be divisible by model.n_head "
+                          f"({m.n_head}{origin('n_head')})")
+    if m.n_head % m.n_kv:
+        raise LlmgenError(f"{where}: model.n_head ({m.n_head}{origin('n_head')}) must be a multiple of "
+                          f"model.n_kv_head ({m.n_kv}{origin('n_kv_head')})")
     if cfg.train.min_lr > cfg.train.lr:
         raise LlmgenError(f"{where}: train.min_lr ({cfg.train.min_lr}) is larger than train.lr ({cfg.train.lr})")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise LlmgenError(f"config file {path} is a folder; pass a YAML file to --config (examples are in configs/)")
+    if path.is_symlink() and not path.exists():
+        raise LlmgenError(f"config file {path} is a symbolic link to a file that does not exist (or a link "
+                          f"cycle); point --config at the YAML file itself")
     if not path.is_file():
         raise LlmgenError(f"config file {path} does not exist; pass an existing YAML file to --config "
                           f"(examples are in configs/)")
@@ -343,6 +371,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise LlmgenError(f"{path}: cannot be read as YAML: {e}") from None
     if data is None:
+        ui.info(f"{path} is empty: running on the embedded quickstart defaults")
         return {}
     if not isinstance(data, dict):
         raise LlmgenError(f"{path}: the top level must be a mapping of sections (data:, model:, train: ...), "
@@ -380,7 +409,7 @@ def to_dataclass(cls: type, raw: Any, where: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise LlmgenError(f"{where}: {section} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
@@ -415,19 +444,21 @@ def _coerce(tp: Any, value: Any, where: str, key: str, meta: Any = None) -> Any:
         out = _coerce_inner(tp, value, where, key)
     except _Mismatch:
         raise LlmgenError(f"{where}: {key} = {value!r} is not {_type_name(tp)}") from None
+    if isinstance(out, float) and not math.isfinite(out):  # .nan / .inf mean nothing for any key
+        raise LlmgenError(f"{where}: {key} = {value!r} is not a finite number; allowed: {_allowed(meta)}")
     if meta and isinstance(out, (int, float)) and not isinstance(out, bool):
         lo, hi, gt = meta.get("lo"), meta.get("hi"), meta.get("gt")
         bad = (lo is not None and out < lo) or (hi is not None and out > hi) or (gt is not None and out <= gt)
         if bad:
-            parts = []
-            if gt is not None:
-                parts.append(f"> {gt}")
-            if lo is not None:
-                parts.append(f">= {lo}")
-            if hi is not None:
-                parts.append(f"<= {hi}")
-            raise LlmgenError(f"{where}: {key} = {value!r} is out of range; allowed: {' and '.join(parts)}")
+            raise LlmgenError(f"{where}: {key} = {value!r} is out of range; allowed: {_allowed(meta)}")
     return out
+
+
+def _allowed(meta: Any) -> str:
+    """The allowed range of a numeric key, in words."""
+    meta = meta or {}
+    parts = [f"{op} {meta[k]}" for k, op in (("gt", ">"), ("lo", ">="), ("hi", "<=")) if meta.get(k) is not None]
+    return " and ".join(parts) if parts else "any finite number"
 
 
 def _coerce_inner(tp: Any, value: Any, where: str, key: str) -> Any:

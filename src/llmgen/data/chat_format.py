@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
+from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmgen.errors import LlmgenError
@@ -82,8 +83,15 @@ def render_chat_template(tokenizer, messages: Messages, add_generation_prompt: b
         raise LlmgenError("this model's tokenizer has no chat template; finetune it with finetune.template: "
                           "chatml (or alpaca/plain), or give prompts as plain text")
     specials = {k: v for k, v in tokenizer.extra_config.items() if k.endswith("_token")}
-    return _jinja(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                 eos_token=tokenizer.eos_token, **specials)
+    try:
+        return _jinja(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     eos_token=tokenizer.eos_token, **specials)
+    except SecurityError as e:
+        raise LlmgenError(f"the chat template was stopped: it tried something the sandbox refuses ({e}); templates "
+                          f"may only format messages, so use a template that does") from None
+    except TemplateError as e:
+        raise LlmgenError(f"the chat template failed ({type(e).__name__}: {e}); fix the template or use "
+                          f"finetune.template: chatml") from None
 
 
 @dataclass(frozen=True)

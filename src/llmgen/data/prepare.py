@@ -20,7 +20,7 @@ import numpy as np
 
 from llmgen import ui
 from llmgen.version import __version__
-from llmgen.atomic import atomic_dir
+from llmgen.atomic import atomic_dir, exclusive
 from llmgen.config import Config
 from llmgen.data.shards import FORMAT_VERSION, ShardWriter, shard_dtype, write_meta
 from llmgen.data.sources import _SAFE_CUT, Corpus, Document, split_safely
@@ -149,7 +149,13 @@ def _tagged_pieces(corpus: Corpus, val_fraction: float) -> Iterator[tuple[str, s
 
 
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:
-    """Tokenize `cfg.data.source` into `cfg.data.prepared_dir`; a no-op when already up to date."""
+    """Tokenize `cfg.data.source` into `cfg.data.prepared_dir`; a no-op when already up to date. The
+    folder is locked while it is prepared: a second prepare of it waits for nothing and says so."""
+    with exclusive(Path(cfg.data.prepared_dir), "data.prepared_dir"):
+        return _prepare(cfg, force)
+
+
+def _prepare(cfg: Config, force: bool) -> PrepareResult:
     t0 = time.time()
     corpus = Corpus(cfg.data)
     folder = Path(cfg.data.prepared_dir)

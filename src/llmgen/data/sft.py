@@ -32,19 +32,23 @@ class TaskData:
 
 
 def encode_examples(tok, fmt: PromptFormat, convs, seq_len: int, train_on_prompt: bool
-                    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    """(inputs, targets) per conversation, cut to seq_len; returns also how many were truncated."""
-    out, truncated = [], 0
+                    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
+    """(inputs, targets) per conversation, cut to seq_len; also how many were cut but kept (truncated)
+    and how many were dropped because no reply token was left within seq_len."""
+    out, truncated, dropped = [], 0, 0
     for conv in convs:
         ids, mask = encode_conversation(tok, fmt, conv, train_on_prompt)
-        if len(ids) > seq_len + 1:
+        cut = len(ids) > seq_len + 1
+        if cut:
             ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-            truncated += 1
         ids_a = np.asarray(ids, dtype=np.int64)
         targets = np.where(np.asarray(mask[1:], dtype=bool), ids_a[1:], IGNORE)
         if (targets != IGNORE).any():
             out.append((ids_a[:-1], targets))
-    return out, truncated
+            truncated += cut
+        else:
+            dropped += 1
+    return out, truncated, dropped
 
 
 def pack_row(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int

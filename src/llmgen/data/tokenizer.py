@@ -153,7 +153,10 @@ class Tokenizer:
         config = {}
         cfg_file = file.parent / "tokenizer_config.json"
         if cfg_file.is_file():
-            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+            try:
+                config = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LlmgenError(f"{cfg_file}: not valid JSON ({e}); the tokenizer files are damaged") from None
         eos = _token_str(config.get("eos_token")) or _guess_eos(tok)
         pad = _token_str(config.get("pad_token"))
         if pad is not None and tok.token_to_id(pad) is None:

@@ -107,6 +107,12 @@ def score(metrics: list[str], preds: list[str], refs: list[list[str]], cfg: Conf
     """(scores, metric configs, per-example scores) for the generation metrics."""
     if len(preds) != len(refs):
         raise LlmgenError(f"{len(preds)} predictions but {len(refs)} references; they must pair up one to one")
+    empty = sum(not any(r.strip() for r in rs) for rs in refs)
+    if empty and empty == len(refs):
+        raise LlmgenError(f"all {empty} references are empty, so every score would be 0; give each example a "
+                          f"`reference` (or `completion`/`output`) text")
+    if empty:
+        ui.info(f"{empty} of {len(refs)} references are empty; those examples score 0")
     scores, configs, per = {}, {}, [dict() for _ in preds]
     for m in metrics:
         if m == "ppl":

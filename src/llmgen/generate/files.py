@@ -62,29 +62,38 @@ def generate_file(engine: Engine, input_file: Path, output_file: Path, p: Sampli
     if len(done) > len(rows) or any(d.get("index") != i for i, d in enumerate(done)):
         raise LlmgenError(f"--output-file {output_file} holds results that do not belong to {input_file}; choose "
                           f"another output file or delete it")
+    for i, d in enumerate(done):  # each result must answer the prompt at its index
+        want = {k: rows[i].get(k) for k in ("prompt", "messages", "id")}
+        if any(k in d and d[k] != want[k] for k in want) or ("id" in rows[i]) != ("id" in d):
+            raise LlmgenError(f"--output-file {output_file} line {i + 1} answers another prompt than {input_file} "
+                              f"record {i + 1}; those results belong to another prompt file: choose another output "
+                              f"file or delete it")
     if output_file.is_file():  # rewrite only if a torn line must go (atomically); else append
         lines = [json.dumps(d, ensure_ascii=False) for d in done]
         if output_file.read_text(encoding="utf-8") != "".join(x + "\n" for x in lines):
             atomic_write_text(output_file, "".join(x + "\n" for x in lines))
     else:
-        output_file.parent.mkdir(parents=True, exist_ok=True)
+        output_file.parent.mkdir(parents=True, exist_ok=True)  # the file appears with the first results
     todo = list(range(len(done), len(rows)))
     if done:
         ui.info(f"{output_file} already holds {len(done)} of {len(rows)} results; continuing")
-    with open(output_file, "a", encoding="utf-8") as fh, ui.progress("generate", len(todo), unit="prompts") as bar:
+    with ui.progress("generate", len(todo), unit="prompts") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             prompts = [rows[i].get("messages") or rows[i]["prompt"] for i in chunk]
             t0 = time.perf_counter()
             outs = engine.generate(prompts, p, system)
             dt = time.perf_counter() - t0 - outs.stats.compile_s  # a compiling first call is not decoding
+            lines = []
             for i, comps in zip(chunk, outs):
                 rec = {"index": i, **({"id": rows[i]["id"]} if "id" in rows[i] else {}),
                        "prompt": rows[i].get("prompt"),
+                       **({"messages": rows[i]["messages"]} if "messages" in rows[i] else {}),
                        "completions": [{"text": c.text, "finish_reason": c.finish_reason, "new_tokens": len(c.tokens),
                                         **({"score": c.score} if c.score is not None else {})} for c in comps],
                        "prompt_tokens": comps[0].prompt_tokens, "seconds": round(dt / len(chunk), 4)}
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            fh.flush()
+                lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+            with open(output_file, "a", encoding="utf-8") as fh:  # whole lines, once a batch is done
+                fh.write("".join(lines))
             bar.advance(len(chunk))
     return len(todo), len(done)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -40,8 +38,6 @@ def export_hf(model_path: Optional[str], output: Path, overwrite: bool = False, 
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token=tok.eos_token, pad_token=tok.pad_token,
                                      chat_template=template, clean_up_tokenization_spaces=False,
                                      **{k: v for k, v in tok.extra_config.items() if k in ("bos_token", "unk_token")})
-    if os.path.isdir(output) and overwrite:
-        shutil.rmtree(output)
     with atomic_dir(output) as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)

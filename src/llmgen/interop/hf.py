@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -196,14 +197,29 @@ def _load_hf(source: str):
         where, kwargs = str(path.parent), {"gguf_file": path.name}
     else:
         where = source
-        if not (Path(source) / "config.json").is_file():
+        cfg_file = Path(source) / "config.json"
+        if not cfg_file.is_file():
             raise LlmgenError(f"{source} is not a Hugging Face model folder (config.json missing)")
+        try:
+            raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LlmgenError(f"{cfg_file}: not valid JSON ({e}); the model folder is damaged") from None
+        if isinstance(raw, dict) and raw.get("auto_map"):
+            raise LlmgenError(f"{source} was refused: its config.json asks for custom Python code (auto_map), and "
+                              f"llmgen never runs code shipped with a model; import a standard {'/'.join(SUPPORTED)} "
+                              f"model")
     try:
         hf_cfg = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
         raise LlmgenError(f"cannot read the model config of {source}: {str(e).splitlines()[0][:200]}") from None
     model_config_from_hf(hf_cfg)  # refuse unsupported types before loading weights
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+    except (pickle.UnpicklingError, OSError) as e:
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only" in str(e):
+            raise LlmgenError(f"the weights of {source} were refused: the file holds Python objects that could run "
+                              f"code when loaded; use a model saved as safetensors") from None
+        raise LlmgenError(f"cannot read the weights of {source}: {str(e).splitlines()[0][:200]}") from None
     tok = AutoTokenizer.from_pretrained(where, **kwargs)
     return model, tok
 

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model
 
-from llmgen.version import __version__
 from llmgen.atomic import atomic_dir
 from llmgen.config import ModelConfig, to_dataclass
 from llmgen.errors import LlmgenError
 from llmgen.model.transformer import Transformer
+from llmgen.version import __version__
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 STATE_FILE = "training_state/state.pt"
@@ -63,7 +65,13 @@ def read_model_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise LlmgenError(f"{folder} is not an llmgen checkpoint (config.json missing)")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlmgenError(f"{cfg_file}: not valid JSON ({e}); the checkpoint's config is damaged: restore it from "
+                          f"another checkpoint of the run (its model section is the same)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise LlmgenError(f"{cfg_file}: has no `model` section; it is not an llmgen checkpoint config")
     return to_dataclass(ModelConfig, meta["model"], str(cfg_file), "model."), meta
 
 
@@ -72,16 +80,42 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     if not path.is_file():
         raise LlmgenError(f"{folder}: model.safetensors is missing; the checkpoint is incomplete")
     try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise LlmgenError(f"{path}: cannot be read as safetensors ({_one_line(e)}); the file is damaged: use "
+                          f"another checkpoint of the run") from None
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    clash = [k for k in shapes.keys() & wanted.keys() if shapes[k] != wanted[k]]
+    if clash:
+        k = sorted(clash)[0]
+        raise LlmgenError(f"{path} and config.json disagree: weight {k} is {shapes[k]} in the file but the model that "
+                          f"config.json describes needs {wanted[k]}; the weights are readable, so config.json was "
+                          f"probably edited: restore it")
+    try:
         missing, unexpected = _st_load_model(model, str(path), strict=False)
     except Exception as e:
-        raise LlmgenError(f"{path}: cannot be read as safetensors ({str(e)[:150]}); the file is corrupt") from None
+        raise LlmgenError(f"{path}: cannot be read as safetensors ({_one_line(e)}); the file is damaged") from None
     if missing or unexpected:
-        raise LlmgenError(f"{path}: weights do not match the model in config.json "
-                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        raise LlmgenError(f"{path} and config.json disagree: weights missing {list(missing)[:3]}, unexpected "
+                          f"{list(unexpected)[:3]}; restore the checkpoint's config.json")
 
 
 def load_state(folder: Path) -> dict[str, Any]:
-    return torch.load(Path(folder) / STATE_FILE, weights_only=True)
+    """The training state of a checkpoint, loaded as plain tensors and containers only."""
+    path = Path(folder) / STATE_FILE
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise LlmgenError(f"{path} was refused: it holds Python objects that could run code when loaded, and "
+                          f"llmgen loads training state only as plain tensors; delete that checkpoint folder if you "
+                          f"did not make it") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise LlmgenError(f"{path} is damaged ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:160] or type(e).__name__
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -63,13 +63,19 @@ def load_tasks(cfg: Config, tok, fmt: PromptFormat, seq_len: int) -> list[TaskDa
         else:
             n_val = max(1, int(round(len(convs) * ft.val_fraction))) if ft.val_fraction > 0 and len(convs) > 1 else 0
         val_convs = [convs[i] for i in order[:n_val]]
-        train_ex, truncated = encode_examples(tok, fmt, [convs[i] for i in order[n_val:]], seq_len, ft.train_on_prompt)
-        val, val_trunc = encode_examples(tok, fmt, val_convs, seq_len, ft.train_on_prompt)
-        if truncated + val_trunc:
-            ui.info(f"{spec.source}: {truncated + val_trunc} of {len(convs)} examples were longer than seq_len "
-                    f"{seq_len} and were truncated")
+        train_ex, cut, dropped = encode_examples(tok, fmt, [convs[i] for i in order[n_val:]], seq_len,
+                                                 ft.train_on_prompt)
+        val, val_cut, val_dropped = encode_examples(tok, fmt, val_convs, seq_len, ft.train_on_prompt)
+        if cut + val_cut:
+            ui.info(f"{spec.source}: {cut + val_cut} of {len(convs)} examples were longer than seq_len {seq_len} and "
+                    f"were truncated (their reply is partly kept)")
+        if dropped + val_dropped:
+            ui.info(f"{spec.source}: {dropped + val_dropped} of {len(convs)} examples were dropped: their reply starts "
+                    f"past seq_len {seq_len}; raise finetune.seq_len to keep them")
         if not train_ex:
-            raise LlmgenError(f"dataset {spec.source}: no example keeps any response token within seq_len {seq_len}")
+            raise LlmgenError(f"dataset {spec.source}: none of its {len(convs)} examples keeps a reply token within "
+                              f"seq_len {seq_len}; raise finetune.seq_len (at most model.max_seq_len) or shorten "
+                              f"the prompts")
         tasks.append(TaskData(name, spec.weight, train_ex, val, val_convs=val_convs))
     return tasks
 
@@ -126,8 +132,17 @@ def finetune_run_dir(cfg: Config) -> str:
     return cfg.finetune.run_dir or str(Path(cfg.run_dir) / "finetune")
 
 
+# train.* keys finetune does not read, and the finetune.* key it reads instead
+_FINETUNE_OWN = {"max_steps": "finetune.max_steps", "warmup_steps": "finetune.warmup_steps",
+                 "eval_every": "finetune.eval_every", "seq_len": "finetune.seq_len (null: the model's context, at most 512)",
+                 "min_lr": "finetune.lr (the schedule ends at a tenth of it)"}
+
+
 def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
     ft = cfg.finetune
+    for key, use in _FINETUNE_OWN.items():  # train.* keys that finetune replaces by its own
+        if f"train.{key}" in cfg.explicit:
+            ui.info(f"train.{key} does not apply to finetune; it uses {use}")
     if ft.eval_metrics:  # fail before training, not after it
         parse_metrics(",".join(ft.eval_metrics), [])
     base_arg = ft.base or default_base(cfg)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from llmgen.atomic import atomic_write_text, disk_full_error
+
 
 class RunLog:
     def __init__(self, run_dir: Path, resume_step: Optional[int] = None):
@@ -14,11 +16,14 @@ class RunLog:
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.is_file():
             # keep history up to the checkpoint we resume from; later lines are replayed by the run
-            for line in self.path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("step", 0) <= resume_step:
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill or a full disk
+                    continue
+                if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
                     self.records.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
@@ -29,8 +34,11 @@ class RunLog:
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise disk_full_error(e, self.path) or e
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -57,9 +65,14 @@ class RunLog:
         ax.legend(loc="upper right")
         fig.tight_layout()
         tmp = self.run_dir / ".loss.png.tmp.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        tmp.replace(self.run_dir / "loss.png")
+        try:
+            fig.savefig(tmp)
+            tmp.replace(self.run_dir / "loss.png")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise disk_full_error(e, self.run_dir / "loss.png") or e
+        finally:
+            plt.close(fig)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -12,7 +12,9 @@ pure function of the step, and the checkpoint carries optimizer and RNG states.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from llmgen import ui
+from llmgen.atomic import exclusive
 from llmgen.config import Config, save_config
 from llmgen.errors import LlmgenError
 from llmgen.model.checkpoint import load_state, load_weights, save_checkpoint
@@ -101,15 +104,23 @@ class Trainer:
             self.run.clear()
         self.state, saved = TrainState(), None
         ckpts = self.run.checkpoints() if resume else []
-        if ckpts:
-            folder = ckpts[-1][1]
-            job.load_weights(model, folder)
-            saved = load_state(folder)
+        for _, folder in reversed(ckpts):  # the newest checkpoint that loads
+            try:
+                saved = load_state(folder)
+                job.load_weights(model, folder)
+                break
+            except LlmgenError as e:
+                saved = None
+                self.say(f"{e}; trying the checkpoint before it")
+        if saved is not None:
             self.state = TrainState(step=saved["step"], best_val=saved["best_val"], bad_evals=saved["bad_evals"],
                                     skipped=saved["skipped"], best_step=saved["best_step"])
             if not self.run.step_dir(self.state.best_step).is_dir():
                 self.state.best_step = -1
             self.say(f"resuming from {folder} (step {self.state.step})")
+        elif ckpts:
+            raise LlmgenError(f"no checkpoint in {self.run.path}/checkpoints could be loaded (see above); start over "
+                              f"with --overwrite")
         elif resume:
             self.say(f"no checkpoint in {self.run.path}/checkpoints yet; starting from scratch")
         self.start_step = self.state.step
@@ -261,7 +272,14 @@ class Trainer:
 
 def train(cfg: Config, model: torch.nn.Module, job: TrainJob, resume: bool = False,
           overwrite: bool = False) -> TrainResult:
-    """Train `model` as `job` describes; returns where the final checkpoint is."""
+    """Train `model` as `job` describes; returns where the final checkpoint is. The run directory is
+    locked for the whole run (by the first rank of a distributed run)."""
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    with exclusive(Path(cfg.run_dir), "run_dir") if first_rank else contextlib.nullcontext():
+        return _train(cfg, model, job, resume, overwrite)
+
+
+def _train(cfg: Config, model: torch.nn.Module, job: TrainJob, resume: bool, overwrite: bool) -> TrainResult:
     tr = Trainer(cfg, model, job, resume, overwrite)
     t, st, acc = cfg.train, tr.state, tr.acc
     tr.say(f"{job.kind}: {tr.net.num_params() / 1e6:.2f}M parameters, {tr.flops_per_token / 1e6:.1f} MFLOPs/token, "
