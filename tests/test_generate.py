@@ -265,8 +265,13 @@ def test_compiled_step_runs_split_product_as_one_operator(monkeypatch):
     assert compiled.model.blocks[0].attn.fused_qkv.weight.stride(0) == 1  # column-major: the split path is taken
     p = GenerateConfig(max_new_tokens=12, temperature=0.0)
     want = [c[0].tokens for c in eager.generate(["Hello there"], p)]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     got = [c[0].tokens for c in compiled.generate(["Hello there"], p)]  # compiles
     assert got == want
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per step (the thread count
+    # used to be asked inside it, which split the step into a graph per projection)
     bmm, calls = torch.bmm, []
     monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or bmm(a, b))
     result = compiled.generate(["Hello there"], p)  # the compiled step, no recompiling
