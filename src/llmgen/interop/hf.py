@@ -253,7 +253,10 @@ def import_model(source: str, output: Optional[Path] = None, overwrite: bool = F
         output = cached
     output = Path(output)
     if (output / "model.safetensors").is_file() and (output / "config.json").is_file():
-        meta = json.loads((output / "config.json").read_text())
+        try:
+            meta = json.loads((output / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}  # a damaged earlier import: import again (with --overwrite for an --output folder)
         if meta.get("import_key") == _source_key(source):
             return output
         if not overwrite:
@@ -261,16 +264,15 @@ def import_model(source: str, output: Optional[Path] = None, overwrite: bool = F
     elif output.exists() and any(output.iterdir()) and not overwrite:
         raise LlmgenError(f"{output} exists and is not empty; pass --overwrite or choose another --output")
     if output != cached and (cached / "model.safetensors").is_file():
-        shutil.copytree(cached, output, dirs_exist_ok=True) if not output.exists() or overwrite else None
+        with atomic_dir(output) as tmp:  # the new copy beside the old one, swapped in when complete
+            shutil.copytree(cached, tmp, dirs_exist_ok=True)
         return output
     ui.info(f"importing {source} ...")
     hf_model, hf_tok = _load_hf(source)
     cfg = model_config_from_hf(hf_model.config)
     sd = hf_to_ours(hf_model.state_dict(), cfg)
     tok = _our_tokenizer(hf_tok)
-    if output.exists() and overwrite:
-        shutil.rmtree(output)
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output) as tmp:  # a folder given with --overwrite is replaced only once this one is complete
         tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in sd.items()
                    if not (cfg.tie_embeddings and k == "lm_head.weight")}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
