@@ -169,3 +169,22 @@ def test_which_tokenizers_cut_safely(tmp_path):
     assert pretrained(pre_tokenizers.ByteLevel(add_prefix_space=False)).cuts_safely
     assert not pretrained(pre_tokenizers.ByteLevel(add_prefix_space=True)).cuts_safely  # a prefix space per part
     assert not pretrained(pre_tokenizers.Metaspace()).cuts_safely  # SentencePiece-style
+
+
+def test_bpe_training_in_parts_learns_the_same_tokenizer(tmp_path):
+    """prepare trains BPE on small parts of each piece (less memory); the vocabulary is the one the
+    whole text gives, also for a text with no newline at all."""
+    import random
+
+    from llmgen.data.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "castle", "rides", "north", "storm", "gold", "silver", "night"]
+    text = " ".join(rng.choice(words) + rng.choice(["", "s", "ed", "ing"]) for _ in range(40000))  # one line
+    (tmp_path / "one.txt").write_text(text)
+    out = tmp_path / "p"
+    prepare(load_config(None, [f"data.source={tmp_path / 'one.txt'}", f"data.prepared_dir={out}",
+                               "tokenizer.vocab_size=300"]))
+    parts = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    whole = json.loads(train_bpe([text], 300).tok.to_str())["model"]["vocab"]
+    assert parts == whole and len(text) > 4 * (1 << 14)  # the text was cut into several parts

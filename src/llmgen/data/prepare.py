@@ -29,6 +29,7 @@ from llmgen.errors import LlmgenError
 
 BATCH_CHARS = 2 << 20  # text per encode_batch call
 PART_CHARS = 1 << 17  # ...cut into parts of this size, so every core gets many small tasks
+TRAIN_PART_CHARS = 1 << 14  # BPE training reads the text in parts of this size (a 4 MB piece peaked ~1 GB)
 
 
 @dataclass
@@ -71,7 +72,7 @@ def _build_tokenizer(cfg: Config, corpus: Corpus) -> Tokenizer:
             for doc in corpus.documents():
                 for piece in doc.pieces:
                     n = len(piece.encode("utf-8"))
-                    yield piece
+                    yield from split_safely(piece, TRAIN_PART_CHARS)  # small items keep the trainer's memory low
                     bar.advance(n)
                     seen += n
                     if seen >= budget:
