@@ -35,7 +35,30 @@ STATE_FILE = "training_state/state.pt"
 def save_checkpoint(folder: Path, model: torch.nn.Module, tokenizer_dir: Path, info: dict[str, Any],
                     state: Optional[dict[str, Any]] = None, save_weights=None) -> None:
     """Write a complete checkpoint folder in one rename (`save_weights(tmp, model)` replaces the
-    full safetensors file, e.g. by a LoRA adapter)."""
+    full safetensors file, e.g. by a LoRA adapter). On a full disk the message says about how much
+    room a checkpoint takes."""
+    try:
+        _write_checkpoint(folder, model, tokenizer_dir, info, state, save_weights)
+    except LlmgenError as e:
+        if not str(e).startswith("no space left"):
+            raise
+        tensors = list(model.state_dict().values()) + _tensors(state)
+        need = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) / 2 ** 20
+        raise LlmgenError(f"{e} (a checkpoint of this run takes about {need:.0f} MB)") from None
+
+
+def _tensors(obj: Any) -> list:
+    """Every tensor inside nested dicts/lists (the optimizer and RNG state)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _write_checkpoint(folder, model, tokenizer_dir, info, state, save_weights) -> None:
     with atomic_dir(folder) as tmp:
         if save_weights is not None:
             save_weights(tmp, model)
