@@ -479,3 +479,17 @@ def test_checkpoint_on_a_full_disk_keeps_the_earlier_ones(cli, small_disk, train
 def test_promises_are_in_the_readme():
     readme = (REPO / "README.md").read_text()
     assert "## What llmgen promises" in readme
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(cli, run_copy):
+    run, args = run_copy
+    old = {k.replace(str(run), ""): v for k, v in snapshot(run / "checkpoints", run / "final").items()}
+    bad = ["--set", "train.lr=1e30", "--set", "train.grad_clip=0", "--set", "train.warmup_steps=0"]
+    expect_error(cli("pretrain", *args, *bad, "--overwrite"), "non-finite")  # fails before its first checkpoint
+    kept = run / ".replaced-run"
+    assert {k.replace(str(kept), ""): v for k, v in snapshot(kept / "checkpoints", kept / "final").items()} == old
+    code, _, err = cli("generate", "Hi", "--model", run, "-n", "2")
+    assert code == 2 and "no checkpoint" in err  # the kept run is not picked up as the run's model
+    code, _, err = cli("pretrain", *args, "--overwrite")
+    assert code == 0, err
+    assert not kept.exists() and "removed the previous run" in err

@@ -167,7 +167,7 @@ def newest_checkpoint(root: Path) -> Optional[Path]:
     found = []
     for pattern in ("final", "*/final", "checkpoints/step-*", "*/checkpoints/step-*"):
         for p in Path(root).glob(pattern):
-            if is_checkpoint(p):
+            if is_checkpoint(p) and not any(part.startswith(".") for part in p.relative_to(root).parts):
                 found.append(p)
     if not found:
         return None

@@ -242,6 +242,7 @@ class Trainer:
                             save_weights=saver)
             best = self.run.step_dir(st.best_step) if self.t.keep == "best" and st.best_step >= 0 else None
             self.run.retain(self.t.keep_last_n, keep=best)
+            self.run.drop_replaced()  # this run has a checkpoint now: the one it replaced can go
         acc.wait_for_everyone()
         return folder
 

@@ -8,6 +8,7 @@ publishing `final/`, and the RNG states a checkpoint carries for exact resumes.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from llmgen import ui
 from llmgen.errors import LlmgenError
 from llmgen.model.checkpoint import copy_checkpoint, list_checkpoints
 
@@ -41,11 +43,32 @@ class RunDir:
             raise LlmgenError(f"run_dir {self.path} already holds a run; pass --resume to continue it, --overwrite "
                               f"to start over, or set run_dir to a new folder")
 
+    @property
+    def replaced(self) -> Path:
+        """Where the run that --overwrite replaces waits until the new run has a checkpoint of its own."""
+        return self.path / ".replaced-run"
+
     def clear(self) -> None:
-        """Start over: remove a previous run's outputs (its config.yaml is rewritten by the new run)."""
+        """Start over: move the previous run's outputs aside (to `replaced`); `drop_replaced` deletes them
+        once the new run has saved a checkpoint, so a start-over killed early loses nothing. A run kept
+        there by an earlier start-over that never reached a checkpoint stays as it is."""
+        keep = not self.replaced.exists()
+        if keep:
+            self.replaced.mkdir()
         for name in RUN_OUTPUTS:
             p = self.path / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if not p.exists():
+                continue
+            if keep:
+                os.replace(p, self.replaced / name)
+            else:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        ui.info(f"starting over: the previous run is kept in {self.replaced} until this run saves a checkpoint")
+
+    def drop_replaced(self) -> None:
+        if self.replaced.exists():
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            ui.info(f"removed the previous run from {self.replaced}")
 
     def retain(self, keep_last_n: int, keep: Optional[Path] = None) -> None:
         """Delete all but the newest `keep_last_n` checkpoints, never `keep` (the best one)."""
