@@ -262,8 +262,7 @@ def generate(
     if input_file is not None and output_file is None:
         raise LlmgenError("--input-file needs --output-file OUT.jsonl for the results")
     engine = Engine.load(model, cfg.run_dir, p.engine_options())
-    ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters, {engine.device}"
-            + (f", {p.quantize} weights)" if p.quantize else ")"))
+    ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters; {engine.describe()})")
     if input_file is not None:
         new, old = generate_file(engine, input_file, output_file, p, batch_size, system)
         ui.info(f"wrote {new} results to {output_file}" + (f" ({old} were already there)" if old else ""))
@@ -289,6 +288,7 @@ def generate(
         typer.echo(json.dumps({"model": str(engine.source), "prompt": prompt, "prompt_tokens": st.prompt_tokens,
                                "completions": [{"text": c.text, "finish_reason": c.finish_reason, "new_tokens": len(c.tokens),
                                                 **({"score": c.score} if c.score is not None else {})} for c in comps],
+                               "engine": engine.describe(),
                                "seconds": round(st.prefill_s + st.decode_s, 4), "tokens_per_s": round(st.tokens_per_s, 1),
                                "compile_seconds": round(st.compile_s, 4)},
                               ensure_ascii=False))

@@ -150,10 +150,11 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
         entry["config"]["data"] = {"predictions": str(preds_file),
                                    "sha256": hashlib.sha256(Path(preds_file).read_bytes()).hexdigest()[:16]}
     else:
-        engine = Engine.load(model, cfg.run_dir, EngineOptions(quantize=cfg.generate.quantize))
+        engine = Engine.load(model, cfg.run_dir, EngineOptions(dtype=cfg.generate.dtype, quantize=cfg.generate.quantize))
         entry["model"] = str(engine.source)
         entry["config"]["quantize"] = cfg.generate.quantize
-        ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters)")
+        entry["config"]["engine"] = engine.describe()
+        ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters; {engine.describe()})")
         if "ppl" in metrics:
             ids, n_bytes, desc, sha = ppl_tokens(cfg, engine.tok, data if not gen_metrics else None if data and
                                                  Path(data).suffix == ".jsonl" else data)

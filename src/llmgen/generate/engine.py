@@ -28,6 +28,7 @@ from llmgen.errors import LlmgenError
 from llmgen.generate import sampling as S
 from llmgen.interop.load import load_model
 from llmgen.kernels import prepare_for_inference
+from llmgen.kernels.precision import choose_dtype, dtype_name
 from llmgen.model.kv_cache import KVCache
 from llmgen.model.transformer import Transformer
 
@@ -121,7 +122,7 @@ class Engine:
         options = options or EngineOptions()
         quantize = options.quantize
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype, self.dtype_why = choose_dtype(self.device, options.dtype)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.n_params = model.num_params()
         if fuse or quantize:  # int8 weights, or q/k/v and gate/up as one matmul each (no extra memory)
@@ -144,6 +145,13 @@ class Engine:
         self.fmt = fmt
         self.source = source
         self.cfg = model.cfg
+
+    def describe(self) -> str:
+        """One line on the path this engine decodes with: device, precision and why, kernels."""
+        parts = [str(self.device), f"{dtype_name(self.dtype)} ({self.dtype_why})"]
+        parts += [f"{self.quantize} weights"] if self.quantize else []
+        parts += ["compiled decode step"] if self._compiled is not None else []
+        return ", ".join(parts)
 
     @classmethod
     def load(cls, path: Optional[str] = None, run_dir: str = "runs/quickstart",

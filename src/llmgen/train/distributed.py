@@ -15,32 +15,42 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import save_file
 from accelerate.utils import FullyShardedDataParallelPlugin
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
 from llmgen.config import TrainConfig
+from llmgen.kernels.precision import choose_dtype
 
 
-def mixed_precision_mode(setting: str) -> str:
-    """accelerate's mixed_precision value for `train.mixed_precision`."""
-    if setting == "auto":
-        if torch.cuda.is_available():
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"  # fp32 on CPU: bf16 is far slower than fp32 on most CPUs
-    return "no" if setting == "fp32" else setting
+def mixed_precision_mode(setting: str) -> tuple[str, str]:
+    """accelerate's mixed_precision value for `train.mixed_precision`, and why. `auto` measures: bf16
+    autocast where bf16 matmuls are clearly faster than fp32 on this device (see kernels.precision)."""
+    if setting != "auto":
+        return ("no" if setting == "fp32" else setting), "as configured"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype, why = choose_dtype(device)
+    return {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype], why
 
 
-def make_accelerator(t: TrainConfig) -> Accelerator:
+def make_accelerator(t: TrainConfig) -> tuple[Accelerator, str]:
+    """The Accelerator for this run, and why it uses the precision it does."""
     # cpu=True on a CPU-only machine makes accelerate run torchrun/accelerate-launch processes as gloo DDP
     fsdp = None
     if t.distributed == "fsdp":  # each transformer block one shard unit; full state dicts for checkpoints
         fsdp = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                               transformer_cls_names_to_wrap=["Block"], reshard_after_forward=True,
                                               state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision_mode(t.mixed_precision),
-                       gradient_accumulation_steps=t.grad_accum_steps, fsdp_plugin=fsdp)
+    mode, why = mixed_precision_mode(t.mixed_precision)
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mode:
+        # a second run in this process (the Python API, tests) with another precision: accelerate keeps
+        # one global state and refuses to change it; drop it, keeping the process group
+        AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mode,
+                      gradient_accumulation_steps=t.grad_accum_steps, fsdp_plugin=fsdp)
+    return acc, why
 
 
 def gather_full_state(acc: Accelerator, model, optimizer) -> tuple[dict, dict]:
@@ -79,22 +89,27 @@ def check_ranks_in_sync(acc: Accelerator, model: torch.nn.Module) -> Optional[fl
     return sums[0].item()
 
 
-def matmul_peak_flops(device: torch.device) -> float:
-    """Measured dense matmul FLOP/s on this device (fp32 on CPU, bf16 on CUDA), for MFU."""
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Measured dense matmul FLOP/s on this device in the precision the run computes in, for MFU
+    (at most ~0.2 s: a precision the device runs slowly is timed with fewer, smaller products)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     n = 1024
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.ones(n, n, device=device, dtype=dtype)  # values do not matter; keep the RNG untouched
     b = torch.ones(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    reps = 10 if device.type == "cpu" else 50
+    a @ b
+    sync()
+    t0 = time.perf_counter()
+    a @ b
+    sync()
+    once = time.perf_counter() - t0
+    reps = max(1, min(50 if device.type == "cuda" else 10, int(0.2 / max(once, 1e-9))))
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 

@@ -98,7 +98,8 @@ class Trainer:
         if self.fsdp and job.save_weights is not None:
             raise LlmgenError("train.distributed: fsdp cannot be combined with finetune.method: lora (adapters are "
                               "small: use ddp)")
-        self.acc = acc = dist.make_accelerator(t)
+        self.acc, self.precision_why = dist.make_accelerator(t)
+        acc = self.acc
         self.main = acc.is_main_process
         if self.run.holds_run() and overwrite and not resume and self.main:
             self.run.clear()
@@ -143,7 +144,8 @@ class Trainer:
             save_config(cfg, self.run.path / "config.yaml")
             self.log = RunLog(self.run.path, resume_step=self.state.step)
         self.flops_per_token = self.net.flops_per_token(t.seq_len)
-        self.peak = dist.matmul_peak_flops(acc.device)
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision), torch.float32)
+        self.peak = dist.matmul_peak_flops(acc.device, compute)
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum_steps * acc.num_processes
 
     def say(self, text: str) -> None:
@@ -285,7 +287,8 @@ def _train(cfg: Config, model: torch.nn.Module, job: TrainJob, resume: bool, ove
     t, st, acc = cfg.train, tr.state, tr.acc
     tr.say(f"{job.kind}: {tr.net.num_params() / 1e6:.2f}M parameters, {tr.flops_per_token / 1e6:.1f} MFLOPs/token, "
            f"{tr.tokens_per_step:,} tokens/step, {acc.num_processes} process(es) on {acc.device}, precision "
-           f"{acc.mixed_precision}" + (", FSDP-sharded" if tr.fsdp else "") + f"; matmul peak {tr.peak / 1e9:.0f} GFLOP/s")
+           f"{'fp32' if acc.mixed_precision == 'no' else str(acc.mixed_precision) + ' autocast'} ({tr.precision_why})"
+           + (", FSDP-sharded" if tr.fsdp else "") + f"; matmul peak {tr.peak / 1e9:.0f} GFLOP/s")
 
     def on_sigint(signum, frame):  # Ctrl-C: finish the step, save, exit 0; a second one aborts at once
         if st.stop_requested:

@@ -1,0 +1,59 @@
+"""Which floating-point precision this machine runs fastest, measured, not assumed.
+
+The project's machines change kind: on an Intel Xeon with AMX a bf16 matmul runs 5-8x fp32, on an
+AMD EPYC without fast bf16 it runs far slower than fp32. `choose_dtype` times one matmul in each
+precision on the device (once per process, a few milliseconds) and picks bf16 only where it is clearly
+faster; CUDA uses bf16 where the GPU supports it and fp16 otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WORTH = 1.5  # a lower precision must be at least this much faster than fp32 to be used by default
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_speedup(device_type: str, dtype: torch.dtype, n: int = 256) -> float:
+    """How many times faster an n x n matmul runs in `dtype` than in fp32 on this device (the best of
+    alternating rounds, so a noisy neighbour slows both alike; stops early when `dtype` is clearly
+    slower, so a CPU without fast bf16 pays a few milliseconds, not seconds)."""
+    device = torch.device(device_type)
+    best = {torch.float32: float("inf"), dtype: float("inf")}
+    mats = {d: (torch.ones(n, n, device=device, dtype=d), torch.ones(n, n, device=device, dtype=d)) for d in best}
+    with torch.no_grad():
+        for round_ in range(6):
+            if round_ >= 2 and best[dtype] > 2 * best[torch.float32]:
+                break
+            for d, (a, b) in mats.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                a @ b
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best[d] = min(best[d], time.perf_counter() - t0)
+    return best[torch.float32] / max(best[dtype], 1e-9)
+
+
+def choose_dtype(device: torch.device, setting: str = "auto") -> tuple[torch.dtype, str]:
+    """(dtype, why) for `setting` (auto | fp32 | bf16 | fp16) on `device`."""
+    if setting != "auto":
+        return NAMES[setting], "as asked"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "CUDA with bf16 support"
+        return torch.float16, "CUDA without bf16"
+    if device.type != "cpu":
+        return torch.float32, f"{device.type} device"
+    speedup = matmul_speedup("cpu", torch.bfloat16)
+    why = f"bf16 matmul {speedup:.2f}x fp32 on this CPU"
+    return (torch.bfloat16, why) if speedup >= WORTH else (torch.float32, why)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in NAMES.items()}[dtype]

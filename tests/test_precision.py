@@ -1,0 +1,84 @@
+"""Precision is measured on the machine, not assumed: the probe, bf16 training on a CPU, bf16 decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmgen.config import EngineOptions, GenerateConfig, ModelConfig, load_config
+from llmgen.data.tokenizer import bytes_tokenizer
+from llmgen.generate.engine import Engine
+from llmgen.kernels import precision
+from llmgen.model.checkpoint import save_checkpoint
+from llmgen.model.transformer import Transformer
+from llmgen.train import distributed
+
+
+@pytest.mark.parametrize("speedup,want", [(6.1, torch.bfloat16), (1.2, torch.float32), (0.03, torch.float32)])
+def test_auto_picks_bf16_only_where_it_is_clearly_faster(monkeypatch, speedup, want):
+    monkeypatch.setattr(precision, "matmul_speedup", lambda device, dtype, n=256: speedup)
+    dtype, why = precision.choose_dtype(torch.device("cpu"))
+    assert dtype == want and f"bf16 matmul {speedup:.2f}x fp32 on this CPU" == why
+    mode, why = distributed.mixed_precision_mode("auto")
+    assert mode == ("bf16" if want == torch.bfloat16 else "no") and "x fp32" in why
+    assert precision.choose_dtype(torch.device("cpu"), "fp16") == (torch.float16, "as asked")
+    assert distributed.mixed_precision_mode("fp32") == ("no", "as configured")
+
+
+def test_the_probe_measures_this_machine_quickly():
+    precision.matmul_speedup.cache_clear()
+    import time
+
+    t0 = time.perf_counter()
+    speedup = precision.matmul_speedup("cpu", torch.bfloat16)
+    assert speedup > 0 and time.perf_counter() - t0 < 2.0
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                                   vocab_size=260))
+
+
+def test_bf16_autocast_training_step_on_the_cpu_lowers_the_loss(tmp_path):
+    from llmgen.data.shards import WindowSampler
+    from llmgen.train.loop import TrainJob, train
+
+    text = ("the quick brown fox jumps over the lazy dog. " * 400).encode()
+    tokens = torch.tensor(list(text)).numpy()
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "train.mixed_precision=bf16", "train.max_steps=12",
+                             "train.batch_size=2", "train.seq_len=16", "train.lr=1e-2", "train.warmup_steps=2",
+                             "train.log_every=1", "train.eval_every=1000", "train.save_every=1000"])
+    bytes_tokenizer().save(tmp_path / "tok")
+    res = train(cfg, tiny(), TrainJob("pretrain", WindowSampler(tokens, 2, 16, 0), {}, tmp_path / "tok"))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert res.step == 12 and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_bf16_decoding_tracks_fp32():
+    model = tiny()
+    tok = bytes_tokenizer()
+    fp32 = Engine(tiny(), tok, options=EngineOptions(device="cpu", dtype="fp32"))
+    bf16 = Engine(model, tok, options=EngineOptions(device="cpu", dtype="bf16"))
+    assert bf16.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert "bf16 (as asked)" in bf16.describe()
+    ids = torch.randint(0, 260, (1, 20))
+    with torch.no_grad():
+        a, b = fp32.model(ids).float(), bf16.model(ids).float()
+    assert 0 < ((a - b).norm() / a.norm()).item() < 0.05
+    out = bf16.generate(["Hello"], GenerateConfig(max_new_tokens=8, temperature=0.0))
+    assert len(out[0][0].tokens) == 8 and out.stats.new_tokens == 8
+
+
+def test_cli_dtype_flag_and_json_record(cli, tmp_path):
+    tok_dir = tmp_path / "tok"
+    bytes_tokenizer().save(tok_dir)
+    save_checkpoint(tmp_path / "ckpt", tiny(), tok_dir, {"step": 0})
+    code, out, err = cli("generate", "Hi", "--model", tmp_path / "ckpt", "-n", "4", "--dtype", "bf16", "--json")
+    assert code == 0, err
+    assert "bf16 (as asked)" in json.loads(out)["engine"] and "bf16 (as asked)" in err
+    code, _, err = cli("generate", "Hi", "--model", tmp_path / "ckpt", "--dtype", "fp8")
+    assert code == 2 and "generate.dtype" in err
