@@ -46,6 +46,11 @@ def test_training_loss_and_gradients_match_plain_cross_entropy(arch):
     assert abs(loss.item() - plain.item()) < 1e-5
     for n, p in m.named_parameters():
         assert torch.allclose(fused[n], p.grad, atol=1e-6, rtol=1e-4), n
+    m.zero_grad()  # the unchunked objective (used compiled on a GPU) is the same function
+    unchunked = LanguageModelLoss(m, chunked=False)(idx, targets)
+    unchunked.backward()
+    assert abs(unchunked.item() - plain.item()) < 1e-6
+    assert all(torch.allclose(fused[n], p.grad, atol=1e-6, rtol=1e-4) for n, p in m.named_parameters())
 
 
 def test_linear_cross_entropy_chunks_and_scales_like_the_reference():

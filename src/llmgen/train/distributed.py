@@ -48,6 +48,9 @@ def make_accelerator(t: TrainConfig) -> tuple[Accelerator, str]:
         # a second run in this process (the Python API, tests) with another precision: accelerate keeps
         # one global state and refuses to change it; drop it, keeping the process group
         AcceleratorState._reset_state(reset_partial_state=False)
+    if torch.cuda.is_available():  # what stays fp32 under autocast (norms, the loss) may use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mode,
                       gradient_accumulation_steps=t.grad_accum_steps, fsdp_plugin=fsdp)
     return acc, why
@@ -96,7 +99,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) 
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    n = 1024
+    n = 4096 if device.type == "cuda" else 1024  # a GPU needs big products to reach its peak
     a = torch.ones(n, n, device=device, dtype=dtype)  # values do not matter; keep the RNG untouched
     b = torch.ones(n, n, device=device, dtype=dtype)
     a @ b

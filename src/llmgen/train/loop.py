@@ -129,7 +129,10 @@ class Trainer:
         torch.manual_seed(t.seed + acc.process_index)
         optimizer = make_optimizer(model, t, acc.device.type, job.layer_lr_decay)
         self.net = model  # the network (or its peft wrapper; FSDP shards it in place): checkpoints, counts
-        self.model, self.optimizer = acc.prepare(LanguageModelLoss(model), optimizer)
+        # compiled on a GPU, inductor fuses logits + cross-entropy itself: the plain loss measured 3-8 % faster
+        # steps than the chunked one there (gpt2-124m, H200), at the same peak memory
+        chunked = not (t.compile and acc.device.type == "cuda")
+        self.model, self.optimizer = acc.prepare(LanguageModelLoss(model, chunked), optimizer)
         if saved is not None:
             if saved.get("distributed", "ddp") != t.distributed:
                 raise LlmgenError(f"this run was saved with train.distributed: {saved.get('distributed', 'ddp')}; "

@@ -75,16 +75,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 
 class LanguageModelLoss(nn.Module):
     """model(x, y, **kw) -> the mean next-token loss. With gradients on and a plain bias-free head it is
-    computed chunk by chunk from the hidden states (`linear_cross_entropy`); otherwise (evaluation, a
-    wrapped head) from the logits."""
+    computed chunk by chunk from the hidden states (`linear_cross_entropy`) unless `chunked` is off;
+    otherwise (evaluation, a wrapped head) from the logits."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, chunked: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.chunked = model, chunked
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor, **kw) -> torch.Tensor:
         head = self.model.lm_head
-        if torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None:
+        if self.chunked and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None:
             h = self.model(x, hidden=True, **kw)  # (B, T, C)
             return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1))
         return cross_entropy(self.model(x, **kw), targets)
