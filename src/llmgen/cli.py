@@ -348,19 +348,38 @@ def import_(
 @app.command()
 def export(
     model: Annotated[Optional[str], typer.Argument(help="Run or checkpoint directory (default: the newest run).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder.")] = Path("exported"),
-    format: Annotated[str, typer.Option("--format", help="Output format: hf (transformers).")] = "hf",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Destination: a folder for hf (default "
+                                                   "exported/), a .gguf file for gguf (default model.gguf).")] = None,
+    format: Annotated[str, typer.Option("--format", help="hf (a transformers folder) or gguf (llama.cpp, ollama).")] = "hf",
+    outtype: Annotated[Optional[str], typer.Option("--outtype", help="gguf weights: f32, f16 (default), bf16 "
+                                                   "or q8_0.")] = None,
+    persona: Annotated[Optional[Path], typer.Option("--persona", help="gguf: a persona file whose system prompt "
+                                                    "and sampling go into the Modelfile.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Export a checkpoint (LoRA merged) as a transformers model folder."""
-    if format != "hf":
-        raise LlmgenError(f"--format {format!r} is not supported; use --format hf (then llama.cpp's "
-                          f"convert_hf_to_gguf.py for GGUF)")
+    """Export a checkpoint (LoRA merged) as a transformers folder, or as GGUF with an ollama Modelfile."""
+    if format not in ("hf", "gguf"):
+        raise LlmgenError(f"--format {format!r} is not supported; use --format hf or --format gguf")
     cfg = load_config(config, [])
-    from llmgen.interop.export import export_hf  # the library (torch, transformers): imported per command, so --help starts in a blink
+    if format == "gguf":
+        from llmgen.config import load_persona
+        from llmgen.interop.gguf_export import export_gguf  # per command, so --help starts in a blink
 
-    folder = export_hf(model, output, overwrite, cfg.run_dir)
+        if outtype is None:
+            outtype = "f16"
+            ui.info("writing f16 weights (the default; --outtype f32, bf16 or q8_0 for others)")
+        path, mf = export_gguf(model, output or Path("model.gguf"), outtype, overwrite, cfg.run_dir,
+                               load_persona(persona) if persona else None)
+        ui.info(f"exported to {path} ({path.stat().st_size / 2 ** 20:.1f} MB, {outtype}) and {mf}: "
+                f"llama-cli -m {path}, or ollama create mymodel -f {mf}")
+        return
+    if persona is not None or outtype is not None:
+        raise LlmgenError(f"--{'persona' if persona is not None else 'outtype'} goes with --format gguf; hf folders "
+                          f"keep the checkpoint's full precision and take no persona")
+    from llmgen.interop.export import export_hf  # the library (torch, transformers): imported per command
+
+    folder = export_hf(model, output or Path("exported"), overwrite, cfg.run_dir)
     ui.info(f"exported to {folder}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})")
 
 

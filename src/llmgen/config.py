@@ -293,6 +293,37 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
+@dataclass
+class Persona:
+    """A role a model plays for an application (configs/personas/*.yaml): a name, a system prompt and
+    the sampling settings it defaults to (`chat --persona`, the server's `<model>/<name>` ids, the
+    SYSTEM and PARAMETER lines of an exported ollama Modelfile)."""
+
+    name: str
+    system: str
+    description: str = ""
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields it sets
+
+
+def load_persona(path: str | Path) -> Persona:
+    """Read and check a persona file; one clear line for anything wrong in it."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    where = str(path)
+    for key in ("name", "system"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise LlmgenError(f"{where}: a persona needs a non-empty {key}: (text), e.g. {key}: "
+                              + ("support" if key == "name" else "'You are a helpful support agent.'"))
+    unknown = set(raw) - {"name", "system", "description", "sampling"}
+    if unknown:
+        raise LlmgenError(f"{where}: unknown key {sorted(unknown)[0]}; a persona has name, system, description, "
+                          f"sampling")
+    sampling = raw.get("sampling") or {}
+    checked = to_dataclass(SamplingParams, sampling, where, "sampling.")  # types and ranges, as generate: has
+    return Persona(name=raw["name"].strip(), system=raw["system"].strip(), description=str(raw.get("description") or ""),
+                   sampling={k: getattr(checked, k) for k in sampling})
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 

@@ -213,15 +213,34 @@ def _load_hf(source: str):
     except (OSError, ValueError) as e:
         raise LlmgenError(f"cannot read the model config of {source}: {str(e).splitlines()[0][:200]}") from None
     model_config_from_hf(hf_cfg)  # refuse unsupported types before loading weights
+    if kwargs and hf_cfg.model_type == "gpt2":  # transformers reads GGUF's context and MLP sizes into unused fields
+        hf_cfg.n_positions = getattr(hf_cfg, "n_ctx", hf_cfg.n_positions)
+        hf_cfg.n_inner = getattr(hf_cfg, "feed_forward_length", hf_cfg.n_inner)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, config=hf_cfg, dtype=torch.float32, **kwargs)
     except (pickle.UnpicklingError, OSError) as e:
         if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only" in str(e):
             raise LlmgenError(f"the weights of {source} were refused: the file holds Python objects that could run "
                               f"code when loaded; use a model saved as safetensors") from None
         raise LlmgenError(f"cannot read the weights of {source}: {str(e).splitlines()[0][:200]}") from None
     tok = AutoTokenizer.from_pretrained(where, **kwargs)
+    if kwargs:
+        _restore_pre_tokenizer(tok, Path(source))
     return model, tok
+
+
+def _restore_pre_tokenizer(hf_tok, gguf_path: Path) -> None:
+    """transformers builds every GGUF byte-level tokenizer with GPT-2's pre-tokenizer; SmolLM's (named
+    `smollm` in the file) also splits digits one by one, as the original tokenizer and llama.cpp do."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    pre = field.contents() if field is not None else None
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if pre == "smollm" and backend is not None and isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         backend.pre_tokenizer])
 
 
 def _our_tokenizer(hf_tok):
