@@ -71,7 +71,9 @@ def _compare(model: Path, gguf: Path, prompt: str, n: int) -> None:
 
 @pytest.mark.parametrize("tokenizer,shape", [("bpe", dict(arch="llama", n_kv_head=2, tie_embeddings=False)),
                                              ("bytes", dict(arch="llama")),
-                                             ("bpe", dict(arch="gpt2"))], ids=["llama-bpe", "llama-bytes", "gpt2-bpe"])
+                                             ("bpe", dict(arch="llama", qkv_bias=True, n_kv_head=2)),
+                                             ("bpe", dict(arch="gpt2"))], ids=["llama-bpe", "llama-bytes", "qwen2-bpe",
+                                                                              "gpt2-bpe"])
 def test_tiny_models_decode_the_same_in_llama_cpp(tmp_path, tokenizer, shape):
     folder = _checkpoint(tmp_path, tokenizer, head_scale=8.0, **shape)  # peaked logits: no near-ties in argmax
     path, _ = export_gguf(str(folder), tmp_path / "m.gguf", "f32")
