@@ -145,7 +145,7 @@ def test_seeded_sampling_is_reproducible_and_streaming_matches(engine):
 
 
 def test_streaming_handles_multibyte_utf8():
-    from llmgen.generate.engine import IncrementalDecoder
+    from llmgen.generate.scheduler import IncrementalDecoder
 
     tok = bytes_tokenizer()
     dec = IncrementalDecoder(tok)

@@ -1,4 +1,5 @@
-"""The decoding engine: prefill the prompts, then decode token by token from a preallocated KV cache.
+"""The decoding engine: one model, its tokenizer and prompt format, and the scheduler that runs
+every generation (generate, generate --input-file, chat, eval predictions, the server).
 
     engine = Engine.load("runs/quickstart")            # or Engine(model, tokenizer, options=EngineOptions())
     result = engine.generate(["Once upon a time"], SamplingParams(max_new_tokens=50))
@@ -6,17 +7,17 @@
     stream = engine.stream("Once upon a time", params)
     for piece in stream: print(piece, end="")          # then stream.completion, stream.stats
 
-Prompts of different lengths share one batch: they are left-padded, every row gets its own
-positions, and an attention mask hides the padding. Sampling is a chain of the pure logits
-processors in `sampling.py`. Generation ends per row on EOS, on a stop token, on a stop string
-(matched on the decoded text, across token boundaries, and trimmed from the output), or at
-`max_new_tokens`. Beam search keeps `num_beams` rows in the cache and reorders it in place.
+Requests are decoded with continuous batching (`scheduler.py`): each holds a row of the KV cache,
+joins the batch when a row is free and leaves it when done, with its own sampling parameters and
+seed. Sampling is a chain of the pure logits processors in `sampling.py`. Generation ends per
+request on EOS, on a stop token, on a stop string (matched on the decoded text, across token
+boundaries, and trimmed from the output), or at `max_new_tokens`. Beam search is its own path: it
+keeps `num_beams` rows in a cache of its own and reorders it in place.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -29,32 +30,12 @@ from llmgen.generate import sampling as S
 from llmgen.interop.load import load_model
 from llmgen.kernels import prepare_for_inference
 from llmgen.kernels.precision import choose_dtype, dtype_name
+from llmgen.generate.scheduler import (Completion, GenerationStats, Request, Scheduler,
+                                       first_stop)
 from llmgen.model.kv_cache import KVCache
 from llmgen.model.transformer import Transformer
 
 Prompt = Union[str, Messages]
-
-
-@dataclass
-class Completion:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # eos | stop | length
-    prompt_tokens: int
-    score: Optional[float] = None  # beam search: length-normalised log-probability
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    compile_s: float = 0.0  # first call of the compiled step for a new shape (not in decode_s)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
 
 
 class Generation(list):
@@ -89,31 +70,6 @@ def check_params(p: SamplingParams) -> None:
     if p.num_return_sequences > 1 and p.num_beams == 1 and p.temperature == 0:
         raise LlmgenError("num_return_sequences > 1 with greedy decoding returns the same text every time; "
                           "set --temperature > 0 or use --num-beams")
-
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 characters."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
-        return ""
-
-
-def _first_stop(text: str, stops: list[str]) -> int:
-    """Index of the earliest stop string in text, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
 
 
 class Engine:
@@ -206,23 +162,46 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompts: list[Prompt], p: SamplingParams, system: Optional[str] = None) -> Generation:
-        """Completions for every prompt (num_return_sequences each), batched."""
+    def generate(self, prompts: list[Prompt], p: SamplingParams, system: Optional[str] = None,
+                 max_batch: int = 32) -> Generation:
+        """Completions for every prompt (num_return_sequences each), in the prompts' order."""
+        stats = GenerationStats()
+        outs: dict[int, list[Completion]] = dict(self.generate_each(prompts, p, system, max_batch, stats))
+        return Generation([outs[i] for i in range(len(prompts))], stats)
+
+    def generate_each(self, prompts: list[Prompt], p: SamplingParams, system: Optional[str] = None,
+                      max_batch: int = 32, stats: Optional[GenerationStats] = None
+                      ) -> Iterator[tuple[int, list[Completion]]]:
+        """(prompt index, its completions) as each prompt finishes, up to `max_batch` sequences running at
+        once (continuous batching: a finished one's row goes to the next prompt at once). Bad parameters
+        and prompts are refused before anything runs."""
         check_params(p)
+        stats = stats if stats is not None else GenerationStats()
         rows = [self.prompt_ids(x, p, system) for x in prompts]
-        stats = GenerationStats(prompt_tokens=sum(map(len, rows)))
-        gen = torch.Generator(device=self.device)
-        if p.seed is not None:
-            gen.manual_seed(p.seed)
-        else:
-            gen.seed()
         stops = self._stops(p, self.format_for(prompts, p))
         if p.num_beams > 1:
-            return Generation([self._beam_search(r, p, stops, stats) for r in rows], stats)
+            for i, r in enumerate(rows):
+                stats.prompt_tokens += len(r)
+                yield i, self._beam_search(r, p, stops, stats)
+            return
         n = p.num_return_sequences
-        expanded = [r for r in rows for _ in range(n)]
-        outs = self._decode_batch(expanded, p, gen, stops, stats)
-        return Generation([outs[i * n:(i + 1) * n] for i in range(len(rows))], stats)
+        finished: list[Request] = []
+        reqs = [Request(r, p, *stops, seed=None if p.seed is None else p.seed + k, tag=i, on_done=finished.append)
+                for i, r in enumerate(rows) for k in range(n)]
+        sched = self._scheduler(reqs, max_batch, stats)
+        for q in reqs:
+            sched.submit(q)
+        got: dict[int, list[Request]] = {}
+        while len(finished) < len(reqs) or finished:
+            if not finished:
+                sched.step()
+            while finished:
+                q = finished.pop(0)
+                got.setdefault(q.tag, []).append(q)
+                if len(got[q.tag]) == n:
+                    yield q.tag, [x.completion for x in sorted(got.pop(q.tag), key=lambda x: x.id)]
+            if not got and all(q.done for q in reqs):
+                break
 
     def stream(self, prompt: Prompt, p: SamplingParams, system: Optional[str] = None) -> Stream:
         """Text pieces as they are produced (one prompt, sampling or greedy); see `Stream`. Bad
@@ -231,36 +210,34 @@ class Engine:
         if p.num_beams > 1 or p.num_return_sequences > 1:
             raise LlmgenError("streaming prints one sequence; use --no-stream with num_beams or num_return_sequences")
         ids = self.prompt_ids(prompt, p, system)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(p.seed) if p.seed is not None else gen.seed()
         stops = self._stops(p, self.format_for([prompt], p))
-        return Stream(lambda out: self._stream_pieces(ids, p, gen, stops, out), GenerationStats(prompt_tokens=len(ids)))
 
-    def _stream_pieces(self, ids: list[int], p: SamplingParams, gen: torch.Generator,
-                       stops: tuple[set[int], list[str]], out: Stream) -> Iterator[str]:
-        stop_ids, stop_text = stops
-        hold = max((len(s) for s in stop_text), default=1) - 1
-        dec = IncrementalDecoder(self.tok)
-        text, emitted = "", 0
-        new: list[int] = []
-        for generated in self._steps([ids], p, gen, out.stats):
-            new = generated[0]
-            t = new[-1]
-            if t in stop_ids:
-                break
-            text += dec.push(t)
-            cut = _first_stop(text, stop_text)
-            if cut >= 0:
-                text = text[:cut]
-                break
-            safe = len(text) - hold
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        out.completion = self._finish(ids, new, p, stop_ids, stop_text)
-        final = out.completion.text
-        if len(final) > emitted:
-            yield final[emitted:]
+        def pieces(out: Stream) -> Iterator[str]:
+            buf: list[str] = []
+            req = Request(ids, p, *stops, seed=p.seed, on_piece=buf.append)
+            sched = self._scheduler([req], 1, out.stats)
+            sched.submit(req)
+            while not req.done:
+                sched.step()
+                yield from buf
+                buf.clear()
+            yield from buf
+            out.completion = req.completion
+
+        return Stream(pieces, GenerationStats())
+
+    def scheduler(self, max_batch: int = 16, max_len: Optional[int] = None) -> Scheduler:
+        """A long-lived scheduler for a server: `max_batch` rows of `max_len` slots (default: the context)."""
+        return Scheduler(self, max_batch=max_batch, max_len=max_len)
+
+    def _scheduler(self, reqs: list[Request], max_batch: int, stats: GenerationStats) -> Scheduler:
+        """A scheduler sized for a known set of requests: rows for as many as may run at once, and slots
+        for the longest (rounded up to a multiple of 256 when compiled, so compiled steps are reused)."""
+        need = max(len(q.ids) + q.params.max_new_tokens for q in reqs)
+        if self._compiled is not None:
+            need = -(-need // 256) * 256
+        return Scheduler(self, max_batch=max(1, min(len(reqs), max_batch)), max_len=min(need, self.cfg.max_seq_len),
+                         stats=stats)
 
     # ------------------------------------------------------------------ decoding
 
@@ -283,91 +260,6 @@ class Engine:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return self._logits(idx, cache, pos, mask, positions)
 
-    @torch.inference_mode()
-    def _steps(self, rows: list[list[int]], p: SamplingParams, gen: torch.Generator,
-               stats: GenerationStats) -> Iterator[list[list[int]]]:
-        """Yield every row's new tokens so far, one more each step (timing goes to `stats`). The caller
-        decides when to stop (it simply stops iterating)."""
-        B, L = len(rows), max(map(len, rows))
-        max_new = min(p.max_new_tokens, self.cfg.max_seq_len - L)
-        dev = self.device
-        size = L + max_new
-        if self._compiled is not None:  # a few fixed cache sizes, so the compiled step is reused
-            size = min(self.cfg.max_seq_len, -(-size // 256) * 256)
-        cache = KVCache.allocate(self.cfg, B, size, dev, self.dtype)
-        pads = [L - len(r) for r in rows]
-        idx = torch.tensor([[self.tok.pad_id or 0] * pad + r for pad, r in zip(pads, rows)], device=dev)
-        ragged = any(pads)
-        mask = positions = None
-        pad_t = torch.tensor(pads, device=dev)
-        valid = torch.arange(size, device=dev)[None, :] >= pad_t[:, None]  # (B, S): slot holds a real token
-        if ragged:
-            positions = (torch.arange(L, device=dev)[None, :] - pad_t[:, None]).clamp(min=0)  # (B, L)
-            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-            mask = (causal[None] & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
-            mask = mask[:, None]  # (B, 1, L, L)
-        t0 = time.perf_counter()
-        logits = self._forward(idx, cache, 0, mask, positions)
-        stats.prefill_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        greedy = p.temperature == 0.0
-        penalties = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-        counts = None
-        if penalties:
-            counts = torch.zeros(B, self.cfg.vocab_size, device=dev, dtype=torch.int32)
-            for i, r in enumerate(rows):
-                counts[i].index_add_(0, torch.tensor(r, device=dev), torch.ones(len(r), device=dev, dtype=torch.int32))
-        generated: list[list[int]] = [[] for _ in range(B)]
-        for step in range(max_new):
-            if penalties:
-                logits = S.repetition_penalty(logits, counts > 0, p.repetition_penalty)
-                logits = S.presence_frequency_penalty(logits, counts, p.presence_penalty, p.frequency_penalty)
-            if p.no_repeat_ngram_size:
-                logits = S.no_repeat_ngram(logits, [r + g for r, g in zip(rows, generated)], p.no_repeat_ngram_size)
-            if not greedy:
-                logits = S.min_p(S.top_p(S.top_k(S.temperature(logits, p.temperature), p.top_k), p.top_p), p.min_p)
-            nxt = S.pick(logits, greedy, gen)  # (B,)
-            if counts is not None:
-                counts[torch.arange(B, device=dev), nxt] += 1
-            tokens = nxt.tolist()
-            for g, t in zip(generated, tokens):
-                g.append(t)
-            stats.new_tokens += B
-            stats.decode_s = time.perf_counter() - t0 - stats.compile_s
-            yield generated
-            if step == max_new - 1:
-                break
-            pos = L + step
-            if self._compiled is not None:
-                t1, new_shape = time.perf_counter(), (B, size) not in self._compiled_shapes
-                logits = self._compiled(nxt, cache, torch.tensor([pos], device=dev), valid, pad_t)
-                if new_shape:  # this call compiled the step (or loaded it from inductor's cache)
-                    self._compiled_shapes.add((B, size))
-                    stats.compile_s += time.perf_counter() - t1
-                continue
-            step_mask = valid[:, None, None, :pos + 1] if ragged else None
-            step_pos = (pos - pad_t)[:, None] if ragged else None
-            logits = self._forward(nxt[:, None], cache, pos, step_mask, step_pos)
-
-    def _decode_batch(self, rows: list[list[int]], p: SamplingParams, gen: torch.Generator,
-                      stops: tuple[set[int], list[str]], stats: GenerationStats) -> list[Completion]:
-        stop_ids, stop_text = stops
-        done = [False] * len(rows)
-        tail = max((len(s) for s in stop_text), default=0) * 4 + 8
-        generated: list[list[int]] = [[] for _ in rows]
-        for generated in self._steps(rows, p, gen, stats):
-            for i, g in enumerate(generated):
-                if done[i]:
-                    continue
-                if g[-1] in stop_ids:
-                    done[i] = True
-                elif stop_text:
-                    if _first_stop(self.tok.decode(g[-tail:], skip_special_tokens=True), stop_text) >= 0:
-                        done[i] = True
-            if all(done):
-                break
-        return [self._finish(r, g, p, stop_ids, stop_text) for r, g in zip(rows, generated)]
-
     def _finish(self, prompt: list[int], new: list[int], p: SamplingParams, stop_ids: set[int],
                 stop_text: list[str], score: Optional[float] = None) -> Completion:
         """Cut a row's new tokens at its first stop and decode them."""
@@ -377,7 +269,7 @@ class Engine:
                 new, reason = new[:j], ("eos" if t == self.tok.eot_id else "stop")
                 break
         text = self.tok.decode(new, skip_special_tokens=True)
-        cut = _first_stop(text, stop_text)
+        cut = first_stop(text, stop_text)
         if cut >= 0:
             text, reason = text[:cut], "stop"
             # keep only the tokens that make up the kept text

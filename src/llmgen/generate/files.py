@@ -1,10 +1,12 @@
 """Batch generation over a prompts file, writing one JSON line per prompt, resumable.
 
 Input: `.jsonl` (objects with `prompt`, or `messages` for a chat, optional `id`) or `.txt` (one
-prompt per line). Output: `.jsonl`, one object per prompt in input order. When the output
-already holds results for the first prompts, they are kept and generation continues after them;
-results are appended and flushed per batch, so an interruption loses at most one batch and
-never truncates what was written.
+prompt per line). Output: `.jsonl`, one object per prompt in input order. Prompts run with
+continuous batching (`--batch-size` of them at once; a finished one's row goes to the next prompt
+at once). When the output already holds results for the first prompts, they are kept and
+generation continues after them; each result is appended as soon as every prompt before it is
+written, so an interruption loses at most the prompts in flight and never truncates what was
+written.
 """
 
 from __future__ import annotations
@@ -78,22 +80,26 @@ def generate_file(engine: Engine, input_file: Path, output_file: Path, p: Sampli
     if done:
         ui.info(f"{output_file} already holds {len(done)} of {len(rows)} results; continuing")
     with ui.progress("generate", len(todo), unit="prompts") as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            prompts = [rows[i].get("messages") or rows[i]["prompt"] for i in chunk]
-            t0 = time.perf_counter()
-            outs = engine.generate(prompts, p, system)
-            dt = time.perf_counter() - t0 - outs.stats.compile_s  # a compiling first call is not decoding
+        prompts = [rows[i].get("messages") or rows[i]["prompt"] for i in todo]
+        ready: dict[int, list] = {}
+        t0, written = time.perf_counter(), 0
+        each = engine.generate_each(prompts, p, system, max_batch=batch_size)
+        for k, comps in each:
+            ready[k] = comps
             lines = []
-            for i, comps in zip(chunk, outs):
+            while written in ready:  # results go out in input order
+                i, comps = todo[written], ready.pop(written)
                 rec = {"index": i, **({"id": rows[i]["id"]} if "id" in rows[i] else {}),
                        "prompt": rows[i].get("prompt"),
                        **({"messages": rows[i]["messages"]} if "messages" in rows[i] else {}),
                        "completions": [{"text": c.text, "finish_reason": c.finish_reason, "new_tokens": len(c.tokens),
                                         **({"score": c.score} if c.score is not None else {})} for c in comps],
-                       "prompt_tokens": comps[0].prompt_tokens, "seconds": round(dt / len(chunk), 4)}
+                       "prompt_tokens": comps[0].prompt_tokens}
                 lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-            with open(output_file, "a", encoding="utf-8") as fh:  # whole lines, once a batch is done
-                fh.write("".join(lines))
-            bar.advance(len(chunk))
+                written += 1
+            if lines:
+                with open(output_file, "a", encoding="utf-8") as fh:  # whole lines only
+                    fh.write("".join(lines))
+                bar.advance(len(lines))
+        ui.info(f"{len(todo)} prompt(s) in {time.perf_counter() - t0:.1f} s")
     return len(todo), len(done)

@@ -244,7 +244,7 @@ def _quoted(text: str) -> str:
 def modelfile(lm: LoadedModel, gguf_name: str, persona: Optional[Persona] = None) -> str:
     """An ollama Modelfile for the exported file: template, stops, system prompt, persona defaults."""
     family, default_system = _template_family(lm)
-    lines = [f"# made by `llmgen export --format gguf`; run: ollama create mymodel -f Modelfile", f"FROM ./{gguf_name}"]
+    lines = ["# made by `llmgen export --format gguf`; run: ollama create mymodel -f Modelfile", f"FROM ./{gguf_name}"]
     if family is None:
         ui.info("the tokenizer's chat template is neither ChatML, Alpaca nor plain: the Modelfile passes prompts "
                 "through as they are ({{ .Prompt }}); edit its TEMPLATE to match the model's format")

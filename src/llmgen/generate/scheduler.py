@@ -1,0 +1,378 @@
+"""Continuous batching: requests join the running batch at token boundaries and leave it when done.
+
+Every request holds one row ("slot") of a preallocated KV cache while it runs. The rows in use are
+kept packed at the top of the cache, decoding rows first:
+
+    rows 0 .. n_ready-1      decoding: each has a sampled token waiting to be fed
+    rows n_ready .. n_rows-1 prefilling: their prompt goes into the cache a chunk at a time
+
+One `step()` admits waiting requests into free rows, feeds at most `prefill_chunk` prompt tokens
+(so a long prompt never stalls the decoding rows for long), then runs one decode step over all the
+decoding rows at once: each row writes its token at its own position and attends only to its own
+slots. A row that ends (EOS, stop string, max tokens, the context, the client gone) leaves at once
+and the last row moves into its place, so the cache stays packed and the next request gets a row.
+
+Each request samples with its own parameters and its own random generator, so what it produces
+does not depend on what else is running (greedy output is the same alone or in a batch of 16:
+tested). `run()` drives the loop in the calling thread (generate, chat, eval); `serve()` in a
+background thread for the server, which hands requests over with `submit()` and hears back through
+each request's callbacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from llmgen.config import SamplingParams
+from llmgen.generate import sampling as S
+from llmgen.model.kv_cache import KVCache
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # eos | stop | length | cancelled
+    prompt_tokens: int
+    score: Optional[float] = None  # beam search: length-normalised log-probability
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compile_s: float = 0.0  # first call of the compiled step for a new shape (not in decode_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+
+def first_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt ids, its sampling, its stops; the scheduler fills in the rest.
+    `on_piece(text)` receives streamed text (stop strings held back until they cannot match);
+    `on_done(request)` is called once with `completion` set. Both run on the scheduler's thread."""
+
+    ids: list[int]
+    params: SamplingParams
+    stop_ids: set[int]
+    stop_text: list[str]
+    seed: Optional[int] = None
+    on_piece: Optional[Callable[[str], None]] = None
+    on_done: Optional[Callable[["Request"], None]] = None
+    tag: object = None  # the caller's (e.g. the index of the prompt)
+    id: int = field(default_factory=lambda: next(_ids))
+    # --- the scheduler's
+    generated: list[int] = field(default_factory=list)
+    completion: Optional[Completion] = None
+    cancelled: bool = False
+    prefilled: int = 0  # prompt tokens in the cache
+    t_submit: float = 0.0
+    t_first: Optional[float] = None  # first token sampled
+    token_times: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.gen: Optional[torch.Generator] = None
+        self.counts: Optional[torch.Tensor] = None
+        self.text, self.emitted = "", 0
+        self.decoder = None
+        self.max_new = self.params.max_new_tokens
+
+    @property
+    def cached(self) -> int:
+        """Cache slots this request fills: its prompt, and every sampled token but the newest."""
+        return self.prefilled + max(len(self.generated) - 1, 0)
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None
+
+
+class Scheduler:
+    """Continuous batching over one engine (see the module docstring). `max_batch` rows of `max_len`
+    cache slots each; `prefill_chunk` prompt tokens at most between two decode steps."""
+
+    def __init__(self, engine, max_batch: int = 16, max_len: Optional[int] = None, prefill_chunk: int = 512,
+                 stats: Optional[GenerationStats] = None):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_len = min(max_len or engine.cfg.max_seq_len, engine.cfg.max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        self.stats = stats or GenerationStats()
+        self.cache: Optional[KVCache] = None
+        self.rows: list[Request] = []  # rows[i] holds cache row i
+        self.n_ready = 0
+        self.waiting: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.closed = False
+
+    # ------------------------------------------------------------------ clients
+
+    def submit(self, req: Request) -> None:
+        if len(req.ids) >= self.max_len:
+            raise ValueError(f"prompt of {len(req.ids)} tokens does not fit the {self.max_len}-slot cache")
+        req.max_new = max(1, min(req.params.max_new_tokens, self.max_len - len(req.ids)))
+        req.t_submit = time.perf_counter()
+        with self.cond:
+            self.waiting.append(req)
+            self.cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (the client is gone): it leaves at the next token boundary, its row freed."""
+        req.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def run(self, reqs: list[Request]) -> None:
+        """Submit `reqs` and step until every one is done (in the calling thread)."""
+        for r in reqs:
+            self.submit(r)
+        while not all(r.done for r in reqs):
+            self.step()
+
+    def serve(self, stop: threading.Event) -> None:
+        """The loop of a background thread: step while there is work, sleep until there is."""
+        while not stop.is_set():
+            with self.cond:
+                while not (self.waiting or self.rows) and not stop.is_set():
+                    self.cond.wait(0.5)
+            if not stop.is_set():
+                self.step()
+        for r in list(self.rows) + list(self.waiting):  # shutting down: nothing is left hanging
+            r.cancelled = True
+        self._drop_cancelled()
+
+    # ------------------------------------------------------------------ the loop
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drop_cancelled()
+        with self.cond:
+            while self.waiting and len(self.rows) < self.max_batch:
+                req = self.waiting.popleft()
+                self._admit(req)
+        self._prefill()
+        if self.n_ready:
+            self._decode()
+
+    def _admit(self, req: Request) -> None:
+        eng = self.engine
+        if self.cache is None:
+            self.cache = KVCache.allocate(eng.cfg, self.max_batch, self.max_len, eng.device, eng.dtype)
+        req.gen = torch.Generator(device=eng.device)
+        req.gen.manual_seed(req.seed) if req.seed is not None else req.gen.seed()
+        p = req.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            req.counts = torch.zeros(eng.cfg.vocab_size, device=eng.device, dtype=torch.int32)
+            req.counts.index_add_(0, torch.tensor(req.ids, device=eng.device),
+                                  torch.ones(len(req.ids), device=eng.device, dtype=torch.int32))
+        if req.on_piece is not None:
+            req.decoder = IncrementalDecoder(eng.tok)
+        self.rows.append(req)
+        self.stats.prompt_tokens += len(req.ids)
+
+    def _row_view(self, r: int) -> KVCache:
+        return KVCache([k[r:r + 1] for k in self.cache.k], [v[r:r + 1] for v in self.cache.v])
+
+    def _prefill(self) -> None:
+        """Feed prompt tokens of the prefilling rows, first come first, up to `prefill_chunk` of them; a
+        row whose prompt is all in samples its first token and joins the decoding rows."""
+        budget = self.prefill_chunk
+        while budget > 0 and self.n_ready < len(self.rows):
+            r = self.n_ready
+            req = self.rows[r]
+            chunk = req.ids[req.prefilled:req.prefilled + budget]
+            t0 = time.perf_counter()
+            logits = self.engine._forward(torch.tensor([chunk], device=self.engine.device), self._row_view(r),
+                                          req.prefilled)
+            self.stats.prefill_s += time.perf_counter() - t0
+            req.prefilled += len(chunk)
+            budget -= len(chunk)
+            if req.prefilled < len(req.ids):
+                break  # the rest of this prompt after the next decode step
+            self.n_ready += 1
+            self._accept(r, self._sample(logits, [req])[0])
+
+    def _decode(self) -> None:
+        eng, D = self.engine, self.n_ready
+        reqs = self.rows[:D]
+        dev = eng.device
+        tok = torch.tensor([q.generated[-1] for q in reqs], device=dev)
+        pos = torch.tensor([q.cached for q in reqs], device=dev)  # the slot each row's token goes to
+        t0 = time.perf_counter()
+        if D == 1 and len(self.rows) == 1 and eng._compiled is not None:
+            logits = self._compiled_step(tok, pos)
+        elif D == 1:
+            logits = eng._forward(tok[:, None], self._row_view(0), reqs[0].cached)
+        else:
+            seen = int(pos.max()) + 1
+            self.cache.seen = seen
+            mask = (torch.arange(seen, device=dev)[None, :] <= pos[:, None])[:, None, None]  # (D, 1, 1, S)
+            logits = eng._forward(tok[:, None], self.cache, pos[:, None], mask, pos[:, None])
+        nxt = self._sample(logits, reqs)
+        now = time.perf_counter()
+        self.stats.decode_s += now - t0
+        for i in reversed(range(D)):  # from the bottom, so a finished row's replacement is already done
+            self._accept(i, nxt[i])
+
+    def _compiled_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One row alone: the engine's compiled decode step over its whole (fixed-size) row."""
+        eng = self.engine
+        shape = (1, self.max_len)
+        t1, new = time.perf_counter(), shape not in eng._compiled_shapes
+        valid = torch.ones(1, self.max_len, dtype=torch.bool, device=eng.device)
+        logits = eng._compiled(tok, self._row_view(0), pos, valid, torch.zeros(1, dtype=torch.long, device=eng.device))
+        if new:
+            eng._compiled_shapes.add(shape)
+            self.stats.compile_s += time.perf_counter() - t1
+            self.stats.decode_s -= time.perf_counter() - t1
+        return logits
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        """One token per row, each with its request's own parameters and generator."""
+        plain = [i for i, q in enumerate(reqs) if q.params.temperature == 0.0 and q.counts is None
+                 and not q.params.no_repeat_ngram_size]
+        out = [0] * len(reqs)
+        if plain:
+            picks = logits[plain].argmax(-1).tolist()
+            for i, t in zip(plain, picks):
+                out[i] = t
+        for i, q in enumerate(reqs):
+            if i in plain:
+                continue
+            p, row = q.params, logits[i:i + 1]
+            if q.counts is not None:
+                row = S.repetition_penalty(row, (q.counts > 0)[None], p.repetition_penalty)
+                row = S.presence_frequency_penalty(row, q.counts[None], p.presence_penalty, p.frequency_penalty)
+            if p.no_repeat_ngram_size:
+                row = S.no_repeat_ngram(row, [q.ids + q.generated], p.no_repeat_ngram_size)
+            greedy = p.temperature == 0.0
+            if not greedy:
+                row = S.min_p(S.top_p(S.top_k(S.temperature(row, p.temperature), p.top_k), p.top_p), p.min_p)
+            out[i] = int(S.pick(row, greedy, q.gen)[0])
+        return out
+
+    def _accept(self, r: int, t: int) -> None:
+        """Row r sampled token t: record it, stream it, and finish the request if it ends here."""
+        req, now = self.rows[r], time.perf_counter()
+        req.generated.append(t)
+        req.token_times.append(now)
+        if req.t_first is None:
+            req.t_first = now
+        self.stats.new_tokens += 1
+        if req.counts is not None:
+            req.counts[t] += 1
+        reason = None
+        if t in req.stop_ids:
+            reason = "stop"
+        elif req.decoder is not None:
+            req.text += req.decoder.push(t)
+            if first_stop(req.text, req.stop_text) >= 0:
+                reason = "stop"
+            else:
+                hold = max((len(s) for s in req.stop_text), default=1) - 1
+                safe = len(req.text) - hold
+                if safe > req.emitted:
+                    req.on_piece(req.text[req.emitted:safe])
+                    req.emitted = safe
+        elif req.stop_text:
+            tail = max(len(s) for s in req.stop_text) * 4 + 8
+            if first_stop(self.engine.tok.decode(req.generated[-tail:], skip_special_tokens=True), req.stop_text) >= 0:
+                reason = "stop"
+        if reason is None and len(req.generated) >= req.max_new:
+            reason = "length"
+        if reason is not None:
+            self._finish(r)
+
+    def _finish(self, r: int, cancelled: bool = False) -> None:
+        req = self.rows[r]
+        c = self.engine._finish(req.ids, req.generated, req.params, req.stop_ids, req.stop_text)
+        if cancelled:
+            c.finish_reason = "cancelled"
+        req.completion = c
+        if req.on_piece is not None and not cancelled and len(c.text) > req.emitted:
+            req.on_piece(c.text[req.emitted:])
+        self._remove(r)
+        if req.on_done is not None:
+            req.on_done(req)
+
+    # ------------------------------------------------------------------ rows
+
+    def _drop_cancelled(self) -> None:
+        with self.cond:
+            gone = [q for q in self.waiting if q.cancelled]
+            for q in gone:
+                self.waiting.remove(q)
+        for q in gone:
+            q.completion = self.engine._finish(q.ids, [], q.params, q.stop_ids, q.stop_text)
+            q.completion.finish_reason = "cancelled"
+            if q.on_done is not None:
+                q.on_done(q)
+        for r in reversed(range(len(self.rows))):
+            if self.rows[r].cancelled:
+                self._finish(r, cancelled=True)
+
+    def _copy_row(self, src: int, dst: int, length: int) -> None:
+        for t in (*self.cache.k, *self.cache.v):
+            t[dst, :, :length] = t[src, :, :length]
+
+    def _remove(self, r: int) -> None:
+        """Free row r, keeping the rows packed (decoding rows first)."""
+        if r < self.n_ready:
+            last = self.n_ready - 1
+            if r != last:
+                self._copy_row(last, r, self.rows[last].cached)
+                self.rows[r] = self.rows[last]
+            self.n_ready -= 1
+            r = last  # the hole is now at the top of the prefilling rows
+        end = len(self.rows) - 1
+        if r != end:
+            self._copy_row(end, r, self.rows[end].cached)
+            self.rows[r] = self.rows[end]
+        self.rows.pop()
