@@ -95,6 +95,7 @@ LAYERS = [
     ("llmgen.generate",),
     ("llmgen.evaluate",),
     ("llmgen.train",),
+    ("llmgen.serve",),  # the HTTP server over the engine
     ("llmgen", "llmgen.cli", "llmgen.__main__"),  # the package's re-exports: the Python API
 ]
 

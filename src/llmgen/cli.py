@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
+import signal
 import sys
 import traceback
 import types
@@ -27,7 +29,7 @@ from rich.table import Table
 
 from llmgen import ui
 from llmgen.atomic import disk_full_error
-from llmgen.config import Config, GenerateConfig, load_config
+from llmgen.config import Config, GenerateConfig, load_config, load_persona
 from llmgen.errors import LlmgenError
 from llmgen.version import __version__
 
@@ -303,7 +305,9 @@ def chat(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: ModelOpt = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (persona).")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+    persona: Annotated[Optional[Path], typer.Option("--persona", help="A persona file (configs/personas/): its "
+                                                    "system prompt and sampling defaults.")] = None,
     flags: Optional[dict] = None,
 ) -> None:
     """Multi-turn chat with a model that has a chat template (/reset, /save FILE, /exit)."""
@@ -311,7 +315,13 @@ def chat(
     from llmgen.generate.chat import ChatSession, repl  # the library (torch, transformers): imported per command, so --help starts in a blink
     from llmgen.generate.engine import Engine
 
-    p = cfg.generate.merged(**flags)
+    gen = cfg.generate
+    if persona is not None:  # the persona's defaults, under the flags given on the command line
+        who = load_persona(persona)
+        gen = gen.merged(**who.sampling)
+        system = system or who.system
+        ui.info(f"persona {who.name}: {who.description or who.system[:60]}")
+    p = gen.merged(**flags)
     session = ChatSession(Engine.load(model, cfg.run_dir, p.engine_options()), p, system)
 
     def read(prompt: str) -> str:
@@ -330,6 +340,55 @@ def _read_line(prompt: str) -> str:
     if not line:
         raise EOFError
     return line
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind (default 127.0.0.1: this machine only).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", min=1, max=65535, help="Port (default 8000).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1 "
+                                                   "(or set LLMGEN_API_KEY).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Requests decoded together (default 16).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", min=0, help="Waiting requests before 429 (default 64).")] = None,
+    persona: Annotated[Optional[list[Path]], typer.Option("--persona", help="Persona file (repeatable): an extra model "
+                                                          "id <model>/<name>.")] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, with a web chat page at /."""
+    cfg = _load(config, set_, False)
+    sc = cfg.serve
+    changes = {k: v for k, v in dict(host=host, port=port, max_batch=max_batch, max_queue=max_queue).items()
+               if v is not None}
+    sc = dataclasses.replace(sc, **changes, api_key=api_key or os.environ.get("LLMGEN_API_KEY") or sc.api_key,
+                             personas=[str(x) for x in persona] if persona else sc.personas)
+    personas = [load_persona(x) for x in sc.personas]
+    if len({x.name for x in personas}) < len(personas):
+        raise LlmgenError("two --persona files have the same name: give each persona its own name")
+    try:
+        import uvicorn
+
+        from llmgen.serve.app import create_app  # per command, so --help starts in a blink
+    except ImportError as e:
+        raise LlmgenError(f"llmgen serve needs the serve extra ({e.name} is missing): pip install 'llmgen[serve]'") from None
+    from llmgen.generate.engine import Engine
+
+    if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
+        ui.info(f"warning: serving on {sc.host} without --api-key: anyone who can reach this address can use the model")
+    engine = Engine.load(model, cfg.run_dir, cfg.generate.engine_options())
+    name = Path(engine.source).parent.name if Path(engine.source).name == "final" else Path(engine.source).name
+    application = create_app(engine, name, sc, cfg.generate, personas)
+    ids = ", ".join([name] + [f"{name}/{x.name}" for x in personas])
+    ui.info(f"serving {engine.source} ({engine.describe()}) as {ids} on http://{sc.host}:{sc.port} "
+            f"(web chat at /, OpenAI API at /v1; {sc.max_batch} requests at once); Ctrl-C or SIGTERM stops it")
+    # uvicorn handles SIGTERM/SIGINT while serving (stop accepting, finish the requests in flight, up to 30 s)
+    # and raises the signal again afterwards, into the handler it found: make that one a no-op, so a
+    # drained server exits 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(application, host=sc.host, port=sc.port, log_level="warning", timeout_graceful_shutdown=30)
+    ui.info("server stopped")
 
 
 @app.command("import")

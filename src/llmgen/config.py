@@ -224,6 +224,7 @@ class SamplingParams:
     num_return_sequences: int = field(default=1, metadata=_flag("Completions per prompt.", lo=1))
     seed: Optional[int] = field(default=None, metadata=_flag("Seed for reproducible sampling."))
     stop: list[str] = field(default_factory=list, metadata=_flag("Stop string (repeatable)."))
+    ignore_eos: bool = field(default=False, metadata=_flag("Keep going past the end-of-text token (benchmarks)."))
     # left-truncate prompts longer than the context instead of refusing
     truncate_prompt: bool = field(default=False, metadata=_flag("Keep the end of over-long prompts."))
     raw: bool = field(default=False, metadata=_flag("Do not apply the finetuned prompt template."))
@@ -273,6 +274,20 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The serve: section (`llmgen serve` flags override it)."""
+
+    host: str = "127.0.0.1"  # another address exposes the server beyond this machine: set api_key
+    port: int = field(default=8000, metadata=_rng(1, 65535))
+    api_key: Optional[str] = None  # or LLMGEN_API_KEY; required as "Authorization: Bearer KEY" on /v1
+    max_batch: int = field(default=16, metadata=_rng(1, 256))  # requests decoded together (KV-cache rows)
+    max_queue: int = field(default=64, metadata=_rng(0))  # waiting requests beyond that get 429
+    max_len: Optional[int] = field(default=None, metadata=_rng(2))  # cache slots per request (null: min(context, 4096))
+    max_body_kb: int = field(default=1024, metadata=_rng(1))  # larger request bodies get 413
+    personas: list[str] = field(default_factory=list)  # persona files: extra model ids <model>/<name>
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/quickstart"
     data: DataConfig = field(default_factory=DataConfig)
@@ -282,6 +297,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     # the dotted keys the YAML file and --set named (not the defaults); set by build_config
     explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})

@@ -149,7 +149,7 @@ class Engine:
     def _stops(self, p: SamplingParams, fmt: Optional[PromptFormat]) -> tuple[set[int], list[str]]:
         """Stop token ids (EOS, special tokens named as stops) and text-level stop strings."""
         strings = list(p.stop) + (fmt.stops(self.tok) if fmt is not None else [])
-        ids = {self.tok.eot_id}
+        ids = set() if p.ignore_eos else {self.tok.eot_id}
         text = []
         for s in strings:
             tid = self.tok.token_id(s)
