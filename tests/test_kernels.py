@@ -102,3 +102,21 @@ def test_int8_weights_track_fp32():
         a, b = model(idx), q(idx)
     rel = ((a - b).norm() / a.norm()).item()
     assert 0 < rel < 0.05
+
+
+def test_a_model_moved_to_another_dtype_is_fused_again():
+    # two engines over one model (fp32, then bf16): the second must not run on the first's fused weights
+    cfg = build_config({"model": {"preset": "tiny", "vocab_size": 97, "max_seq_len": 32}}).model
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 97, (1, 8))
+    fuse_projections(model)
+    with torch.no_grad():
+        ref = model(x)
+    model.to(torch.bfloat16)
+    fuse_projections(model)
+    with torch.no_grad():
+        got = model(x)
+    assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max().item() < 0.1
+    a = model.blocks[0].attn
+    assert a.wq.weight.data_ptr() == a.fused_qkv.weight.data_ptr()

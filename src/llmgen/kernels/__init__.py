@@ -30,6 +30,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def stale(fused, first: nn.Module) -> bool:
+    """Whether a fused projection is missing or no longer backs its layers (the model was moved to
+    another device or dtype since: its parameters are new tensors, not views of the joined weight)."""
+    return fused is None or first.weight.data_ptr() != fused.weight.data_ptr()
+
+
 def fuse_projections(model: Transformer) -> Transformer:
     """q/k/v and gate/up each as one matmul (views: no extra memory), and every other projection through
     the CPU decode matmul, in place. Layers wrapped by someone else (an unmerged LoRA adapter) keep
@@ -37,9 +43,9 @@ def fuse_projections(model: Transformer) -> Transformer:
     register_split_op()
     for block in model.blocks:
         a, m = block.attn, block.mlp
-        if a.fused_qkv is None and plain(a.wq, a.wk, a.wv):
+        if stale(a.fused_qkv, a.wq) and plain(a.wq, a.wk, a.wv):
             a.fused_qkv = FusedLinear((a.wq, a.wk, a.wv))
-        if m.gated and m.fused_gate_up is None and plain(m.w1, m.w3):
+        if m.gated and stale(m.fused_gate_up, m.w1) and plain(m.w1, m.w3):
             m.fused_gate_up = FusedLinear((m.w1, m.w3))
         for parent, name in ((a, "wo"), (m, "w2")) + (() if m.gated else ((m, "w1"),)):
             if plain(getattr(parent, name)):
