@@ -264,3 +264,22 @@ def test_cli_serve_answers_then_drains_on_sigterm(ckpt, tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_a_failing_step_fails_its_requests_with_500_and_the_server_recovers(srv, monkeypatch):
+    forward = srv.engine._forward
+    calls = {"n": 0}
+
+    def broken(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated kernel failure")
+        return forward(*a, **k)
+
+    monkeypatch.setattr(srv.engine, "_forward", broken)
+    with pytest.raises(openai.InternalServerError) as e:
+        srv.client.completions.create(model="tiny", prompt="The", max_tokens=10, temperature=0)
+    assert "simulated kernel failure" in str(e.value)
+    monkeypatch.setattr(srv.engine, "_forward", forward)
+    assert srv.health() == {"status": "ok", "running": 0, "waiting": 0}
+    assert srv.client.completions.create(model="tiny", prompt="The", max_tokens=3, temperature=0).usage.completion_tokens

@@ -39,7 +39,7 @@ from llmgen.model.kv_cache import KVCache
 class Completion:
     text: str
     tokens: list[int]
-    finish_reason: str  # eos | stop | length | cancelled
+    finish_reason: str  # eos | stop | length | cancelled | error (then `text` says what went wrong)
     prompt_tokens: int
     score: Optional[float] = None  # beam search: length-normalised log-probability
 
@@ -183,10 +183,26 @@ class Scheduler:
                 while not (self.waiting or self.rows) and not stop.is_set():
                     self.cond.wait(0.5)
             if not stop.is_set():
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001  (one bad step must not take the server down)
+                    self.fail_all(f"{type(e).__name__}: {e}")
         for r in list(self.rows) + list(self.waiting):  # shutting down: nothing is left hanging
             r.cancelled = True
         self._drop_cancelled()
+
+    def fail_all(self, error: str) -> None:
+        """End every request with finish_reason "error" (the step that failed left the cache in an
+        unknown state, so the running ones cannot go on); the scheduler itself keeps going."""
+        with self.cond:
+            reqs = self.rows + list(self.waiting)
+            self.rows, self.n_ready = [], 0
+            self.waiting.clear()
+        for q in reqs:
+            if q.completion is None:
+                q.completion = Completion(error, [], "error", len(q.ids))
+                if q.on_done is not None:
+                    q.on_done(q)
 
     # ------------------------------------------------------------------ the loop
 

@@ -366,6 +366,9 @@ def create_app(engine: Engine, model_id: str, cfg: Optional[ServeConfig] = None,
                 left -= kind == "done"
         finally:
             server.cancel(reqs)  # the client went away before the end
+        failed = [r for r in reqs if r.completion.finish_reason == "error"]
+        if failed:
+            raise ApiError(500, f"generation failed: {failed[0].completion.text}", None, "internal_error", "server_error")
         choices = []
         for r in reqs:
             c = r.completion
@@ -424,6 +427,10 @@ async def _events(server: Server, http: HttpRequest, reqs: list[Request], index:
                 continue
             if kind == "piece":
                 yield _sse(chunk(index[r.id], text, None))
+            elif r.completion.finish_reason == "error":  # as OpenAI reports an error mid-stream
+                yield _sse({"error": {"message": f"generation failed: {r.completion.text}", "type": "server_error",
+                                      "param": None, "code": "internal_error"}})
+                return
             else:
                 left -= 1
                 yield _sse(chunk(index[r.id], None, _finish_reason(r.completion.finish_reason)))
