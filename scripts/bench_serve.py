@@ -24,10 +24,8 @@ import concurrent.futures as cf
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 

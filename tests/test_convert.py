@@ -105,7 +105,7 @@ def test_smollm2_gguf_parity_and_greedy_generate(tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmgen.generate.engine import Engine, GenerationStats
+    from llmgen.generate.engine import Engine
 
     gguf = os.environ.get("LLMGEN_SMOLLM2_GGUF")
     if not gguf:
@@ -130,6 +130,6 @@ def test_smollm2_gguf_parity_and_greedy_generate(tmp_path):
     eng = Engine(lm.model, lm.tokenizer, options=EngineOptions(device="cpu"))
     assert eng.prompt_ids(msgs, GenerateConfig()) == ids[0].tolist()  # our chat rendering = transformers'
     p = GenerateConfig(max_new_tokens=32, temperature=0.0)
-    got = eng._decode_batch([ids[0].tolist()], p, torch.Generator(), eng._stops(p, None), GenerationStats())[0]
+    got = eng.generate([msgs], p)[0][0]  # the same ids (checked above), stopping at <|im_end|> = EOS
     n = len(got.tokens)
     assert got.tokens == ref[:n] and (n == 32 or ref[n] == lm.tokenizer.eot_id)
