@@ -6,7 +6,9 @@ For each model shape, a randomly initialised llmgen model is exported to a trans
 in fp32 on the same prompt, alternating rounds, with EOS disabled on both sides so every run
 produces exactly `--new-tokens` tokens. Ours is `Engine.generate` (prefill + KV-cache decode).
 `smollm2` uses the real SmolLM2-135M-Instruct when `--smollm2-gguf` is given (else its shape,
-random). Batch 8 reports aggregate tokens/s. The bandwidth limit is the measured rate of reading a
+random); with `--llama-cpp-python` (a throwaway venv with llama-cpp-python built from source:
+docs/benchmarks.md), llama.cpp decodes the same prompt ids from that GGUF at batch 1 with the same
+threads, side by side. Batch 8 reports aggregate tokens/s. The bandwidth limit is the measured rate of reading a
 buffer the size of the fp32 weights divided by those bytes (every token reads every weight once).
 A second llmgen engine (`--variant`) decodes with int8 weight-only quantization (`--quantize int8`)
 or the compiled step (`--compile`); its cost is reported as the change in perplexity on a fixed
@@ -18,7 +20,9 @@ text (meaningful for real weights; for random ones it only shows the rounding no
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 from llmgen.config import EngineOptions, GenerateConfig, ModelConfig, build_config
 from llmgen.data.tokenizer import bytes_tokenizer, train_bpe
 from llmgen.generate.engine import Engine, GenerationStats
+from llmgen.generate.scheduler import Request
 from llmgen.interop.export import export_hf
 from llmgen.interop.hf import import_model
 from llmgen.interop.load import load_model
@@ -77,13 +82,41 @@ def build(name: str, work: Path, gguf: str | None) -> Path:
 
 
 def time_ours(engine: Engine, prompts: list[list[int]], n: int) -> float:
-    p = GenerateConfig(max_new_tokens=n, temperature=0.0)
+    """Aggregate tokens/s of decoding n tokens for every prompt at once through the engine's scheduler."""
+    p = GenerateConfig(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    reqs = [Request(list(x), p, set(), []) for x in prompts]
+    sched = engine._scheduler(reqs, len(reqs), GenerationStats())
     t0 = time.perf_counter()
-    steps = 0
-    for _ in engine._steps(prompts, p, torch.Generator(), GenerationStats()):
-        steps += 1
-    assert steps == n
+    sched.run(reqs)
+    assert all(len(r.generated) == n for r in reqs)
     return len(prompts) * n / (time.perf_counter() - t0)
+
+
+LLAMA_CPP = r"""
+import json, sys, time
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=int(sys.argv[4]), seed=0, verbose=False)
+ids, n, rates = json.loads(sys.argv[2]), int(sys.argv[3]), []
+for _ in range(int(sys.argv[5]) + 1):  # the first run warms up
+    llm.reset()
+    t0, out = time.perf_counter(), 0
+    for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        out += 1
+        if out >= n:
+            break
+    rates.append(n / (time.perf_counter() - t0))
+print(json.dumps(rates[1:]))
+"""
+
+
+def time_llama_cpp(python: str, gguf: str, prompt: list[int], n: int, rounds: int) -> list[float]:
+    """llama.cpp (llama-cpp-python in its own venv) decoding n greedy tokens from the same prompt ids, batch 1;
+    tokens/s per round (prompt processing included, as in ours)."""
+    out = subprocess.run([python, "-c", LLAMA_CPP, gguf, json.dumps(prompt), str(n), str(torch.get_num_threads()),
+                          str(rounds)], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise SystemExit(f"llama.cpp run failed: {out.stderr[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def ppl(model, ids: torch.Tensor) -> float:
@@ -109,6 +142,8 @@ def main() -> None:
     ap.add_argument("--smollm2-gguf", default=None)
     ap.add_argument("--variant", choices=["int8", "compile", "none"], default="int8",
                     help="the second llmgen engine: int8 weights, a torch.compile'd decode step, or none")
+    ap.add_argument("--llama-cpp-python", default=None, help="python of a venv with llama-cpp-python built from source: "
+                    "adds llama.cpp's batch-1 tokens/s on --smollm2-gguf (its own weights, e.g. Q4_1) for smollm2")
     ap.add_argument("--out", default="bench_out/generate.json")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -154,12 +189,21 @@ def main() -> None:
                     "ppl_fp32": ppl32, f"ppl_{v}": ppl2, "ours_rounds": ours, f"ours_{v}_rounds": ours2, "hf_rounds": theirs}
                 row = [name, f"{n_params / 1e6:.1f}M", batch, f"{o:.1f}", f"{t:.1f}", f"{o / t:.2f}x", f"{o / limit:.0%}"]
                 line = f"{name} batch {batch}: ours {o:.1f} tok/s, transformers {t:.1f} ({o / t:.2f}x, {o / limit:.0%} of the limit)"
+                lc = "-"
+                if args.llama_cpp_python and name == "smollm2" and args.smollm2_gguf and batch == 1:
+                    lcpp = statistics.median(time_llama_cpp(args.llama_cpp_python, args.smollm2_gguf, prompt,
+                                                            args.new_tokens, args.rounds))
+                    result["models"][f"{name}/b{batch}"]["llama_cpp_tok_s"] = lcpp
+                    lc = f"{lcpp:.1f} ({o / lcpp:.2f}x)"
+                    line += f"; llama.cpp {lcpp:.1f} tok/s on {Path(args.smollm2_gguf).name} (ours {o / lcpp:.2f}x)"
+                row.append(lc)
                 if engine2:
                     row += [f"{o2:.1f}", f"{o2 / t:.2f}x", f"{o2 / limit:.0%}", f"{(ppl2 - ppl32) / ppl32:+.2%}"]
                     line += f"; {v} {o2:.1f} tok/s ({o2 / t:.2f}x), ppl {ppl32:.3f} -> {ppl2:.3f}"
                 rows.append(row + [f"{rate / 1e9:.0f}"])
                 print(line, flush=True)
-    header = ["model", "params", "batch", "llmgen tok/s", "transformers tok/s", "ratio", "% of limit"]
+    header = ["model", "params", "batch", "llmgen tok/s", "transformers tok/s", "ratio", "% of limit",
+              "llama.cpp tok/s (ours / it)"]
     if v != "none":
         header += [f"llmgen {v} tok/s", f"ratio {v}", f"{v} % of limit", f"{v} ppl change"]
     report(args.out, result, header + ["weight read GB/s"], rows)
