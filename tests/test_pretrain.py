@@ -110,8 +110,13 @@ def test_nonfinite_loss_stops_without_checkpoint(prepared, tmp_path):
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_skip_nonfinite_counts_and_keeps_weights_finite(prepared, tmp_path):
-    """A batch whose loss is NaN is skipped (no update) and counted, with train.skip_nonfinite."""
+@pytest.mark.parametrize("on_device", [False, True], ids=["checked-each-step", "skipped-on-device"])
+def test_skip_nonfinite_counts_and_keeps_weights_finite(prepared, tmp_path, monkeypatch, on_device):
+    """A batch whose loss is NaN is skipped (no update) and counted, with train.skip_nonfinite; the same
+    when the fused optimizer skips it on the device and the loop reads that later (GPU runs)."""
+    import llmgen.train.loop as loop
+
+    monkeypatch.setattr(loop, "defer_nonfinite_check", lambda acc, opt: on_device)
     from llmgen.data.shards import TokenShards
     from llmgen.data.shards import WindowSampler
     from llmgen.train.loop import TrainJob, train

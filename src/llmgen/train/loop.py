@@ -141,6 +141,12 @@ class Trainer:
             set_rng_state(saved["rng"])
         if t.compile:
             self.model = torch.compile(self.model)
+        self.skipped_before, self.deferred = self.state.skipped, None
+        if defer_nonfinite_check(acc, optimizer):
+            dev = acc.device
+            self.deferred = {"count": torch.zeros((), dtype=torch.long, device=dev),
+                             "first_step": torch.full((), -1, dtype=torch.long, device=dev),
+                             "first_loss": torch.zeros((), device=dev)}
         self.log = None
         if self.main:
             self.run.path.mkdir(parents=True, exist_ok=True)
@@ -158,8 +164,11 @@ class Trainer:
     def batch(self, fn: BatchFn, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         x, y, *rest = fn(step, micro, self.acc.process_index)
         dev = self.acc.device
-        kw = {k: v.to(dev, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
-        return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), kw
+
+        def move(t: torch.Tensor) -> torch.Tensor:  # from pinned memory a GPU copy does not block the host
+            return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
+        kw = {k: move(v) for k, v in (rest[0] if rest else {}).items()}
+        return move(x), move(y), kw
 
     def set_lr(self, step: int) -> float:
         lr = lr_at(step, self.t)
@@ -183,17 +192,51 @@ class Trainer:
                     continue
                 if t.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                if bool(torch.isfinite(loss_sum).all()):
-                    self.optimizer.step()
-                elif t.skip_nonfinite:
-                    self.state.skipped += 1
-                else:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise LlmgenError(f"the loss became {loss_sum.item()} at step {step}; no checkpoint was written "
-                                      f"for it. Lower train.lr or raise train.warmup_steps, or set "
-                                      f"train.skip_nonfinite: true to skip such steps")
+                self.update(loss_sum, step)
                 self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
+
+    def update(self, loss_sum: torch.Tensor, step: int) -> None:
+        """The optimizer step, skipped when the loss is not finite. On a GPU with a fused optimizer the
+        skip happens on the device (the fused kernel's `found_inf` input), so the host never waits for
+        the step to finish; `settle()` reads the outcome at the next log, evaluation or checkpoint.
+        Elsewhere the loss is read back at once."""
+        bad = ~torch.isfinite(loss_sum)
+        if self.deferred is None:
+            if not bool(bad):
+                self.optimizer.step()
+            elif self.t.skip_nonfinite:
+                self.state.skipped += 1
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_error(loss_sum.item(), step)
+            return
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+        inner.found_inf = bad.float()
+        try:
+            self.optimizer.step()
+        finally:
+            inner.found_inf = None
+        d = self.deferred
+        first = bad & (d["first_step"] < 0)
+        d["first_step"] = torch.where(first, step, d["first_step"])
+        d["first_loss"] = torch.where(first, loss_sum, d["first_loss"])
+        d["count"] += bad.long()
+
+    def settle(self) -> None:
+        """Account for the updates skipped on the device since the start (see `update`)."""
+        if self.deferred is None:
+            return
+        d = self.deferred
+        n = int(d["count"].item())
+        if n and not self.t.skip_nonfinite:
+            self.nonfinite_error(d["first_loss"].item(), int(d["first_step"].item()))
+        self.state.skipped = self.skipped_before + n
+
+    def nonfinite_error(self, loss: float, step: int) -> None:
+        raise LlmgenError(f"the loss became {loss} at step {step}; no checkpoint was written for it. Lower "
+                          f"train.lr or raise train.warmup_steps, or set train.skip_nonfinite: true to skip such "
+                          f"steps")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -230,6 +273,7 @@ class Trainer:
 
     def checkpoint(self, val: Optional[float]) -> Path:
         """Save the weights, optimizer, RNG and loop state at the current step (all ranks call it)."""
+        self.settle()  # never a checkpoint past an unreported non-finite loss
         st, acc = self.state, self.acc
         folder = self.run.step_dir(st.step)
         if self.fsdp:
@@ -253,6 +297,7 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         """The last checkpoint if the last step has none; on a normal end, `final/` and the DDP check."""
+        self.settle()
         st, acc = self.state, self.acc
         ckpts = self.run.checkpoints()
         if not ckpts or ckpts[-1][0] != st.step:
@@ -274,6 +319,13 @@ class Trainer:
         rate = self.tokens_per_step * (st.step - self.start_step) / max(time.perf_counter() - self.t_start, 1e-9)
         return TrainResult(self.run.path, self.run.path / "final", st.step, best_val, stopped_early=st.stopped_early,
                            skipped_steps=st.skipped, tokens_per_s=rate, peak_memory_mb=dist.peak_memory_mb(acc.device))
+
+
+def defer_nonfinite_check(acc, optimizer) -> bool:
+    """Whether non-finite losses are skipped on the device (a GPU and a fused optimizer, no fp16 loss
+    scaling, which drives the same input itself): the host then never waits for a step to finish."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return acc.device.type == "cuda" and bool(inner.defaults.get("fused")) and str(acc.mixed_precision) != "fp16"
 
 
 def train(cfg: Config, model: torch.nn.Module, job: TrainJob, resume: bool = False,
@@ -313,6 +365,7 @@ def _train(cfg: Config, model: torch.nn.Module, job: TrainJob, resume: bool, ove
                 bar.advance(1)
 
                 if st.step % t.log_every == 0 or st.step == t.max_steps:
+                    tr.settle()
                     loss = acc.reduce(loss_sum / t.grad_accum_steps, reduction="mean").item()
                     now = time.perf_counter()
                     tps = tokens_since / max(now - t_last, 1e-9)
