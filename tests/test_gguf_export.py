@@ -3,6 +3,7 @@ tokens; q8_0 stays within 1 % perplexity; the Modelfile carries the template, st
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 pytest.importorskip("gguf")
 
 from llmgen.config import ModelConfig, load_persona
-from llmgen.data.tokenizer import bytes_tokenizer, train_bpe
+from llmgen.data.tokenizer import Tokenizer, bytes_tokenizer, train_bpe
 from llmgen.interop.gguf_export import _interleave_rope, export_gguf, gguf_vocab
 from llmgen.interop.hf import import_model
 from llmgen.interop.load import load_model
@@ -28,8 +29,33 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMGEN_CACHE", str(tmp_path / "cache"))
 
 
+def spm_tokenizer() -> Tokenizer:
+    """A SentencePiece-style BPE as Llama 2's tokenizer.json has it: <unk> <s> </s>, 256 byte-fallback
+    tokens, "▁" for spaces (normalizer), merges learnt on TEXT."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    escape = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    learner = HFTokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = escape
+    learner.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    learner.train_from_iterator([TEXT * 20], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"],
+                                                                  show_progress=False))
+    learnt = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for t, _ in sorted(learnt["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
+    spm = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    spm.normalizer = escape
+    spm.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return Tokenizer(spm, None, "</s>", None, "pretrained", {"bos_token": "<s>", "unk_token": "<unk>"})
+
+
 def _checkpoint(tmp_path: Path, tokenizer: str = "bytes", head_scale: float = 1.0, **shape) -> Path:
-    tok = bytes_tokenizer() if tokenizer == "bytes" else train_bpe([TEXT * 20, "hello world " * 50], 300)
+    tok = {"bytes": bytes_tokenizer, "spm": spm_tokenizer}.get(tokenizer, lambda: train_bpe([TEXT * 20, "hello world " * 50], 300))()
     torch.manual_seed(0)
     cfg = ModelConfig(preset=None, n_layer=2, n_head=4, d_model=64, max_seq_len=128, vocab_size=tok.vocab_size + 4,
                       **shape)
@@ -59,7 +85,8 @@ def _logits(folder, text=TEXT):
     ("bpe", dict(arch="llama", qkv_bias=True, n_kv_head=2)),
     ("bpe", dict(arch="gpt2", tie_embeddings=True)),
     ("bytes", dict(arch="gpt2", tie_embeddings=False)),
-], ids=["llama-bpe-gqa-untied", "llama-bytes-tied", "qwen2-bias", "gpt2-bpe-tied", "gpt2-bytes-untied"])
+    ("spm", dict(arch="llama", n_kv_head=2, tie_embeddings=False)),
+], ids=["llama-bpe-gqa-untied", "llama-bytes-tied", "qwen2-bias", "gpt2-bpe-tied", "gpt2-bytes-untied", "llama-spm"])
 def test_f32_export_round_trips_through_transformers_gguf_reader(tmp_path, tokenizer, shape):
     folder = _checkpoint(tmp_path, tokenizer, **shape)
     path, modelfile = export_gguf(str(folder), tmp_path / "out" / "model.gguf", "f32")

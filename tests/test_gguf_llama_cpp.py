@@ -72,12 +72,13 @@ def _compare(model: Path, gguf: Path, prompt: str, n: int) -> None:
 @pytest.mark.parametrize("tokenizer,shape", [("bpe", dict(arch="llama", n_kv_head=2, tie_embeddings=False)),
                                              ("bytes", dict(arch="llama")),
                                              ("bpe", dict(arch="llama", qkv_bias=True, n_kv_head=2)),
-                                             ("bpe", dict(arch="gpt2"))], ids=["llama-bpe", "llama-bytes", "qwen2-bpe",
-                                                                              "gpt2-bpe"])
+                                             ("bpe", dict(arch="gpt2")),
+                                             ("spm", dict(arch="llama", n_kv_head=2))],
+                         ids=["llama-bpe", "llama-bytes", "qwen2-bpe", "gpt2-bpe", "llama-spm"])
 def test_tiny_models_decode_the_same_in_llama_cpp(tmp_path, tokenizer, shape):
     folder = _checkpoint(tmp_path, tokenizer, head_scale=8.0, **shape)  # peaked logits: no near-ties in argmax
     path, _ = export_gguf(str(folder), tmp_path / "m.gguf", "f32")
-    _compare(folder, path, "The quick brown fox, 42 times!", 24)
+    _compare(folder, path, "The quick brown fox, 42 times! 中文 over  the dog", 24)
 
 
 def test_smollm2_exported_decodes_the_same_in_llama_cpp_and_q8_0_runs(tmp_path):

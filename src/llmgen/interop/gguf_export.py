@@ -10,11 +10,14 @@ Written with the `gguf` package, the writer llama.cpp's own converter uses. Thre
 - the tokenizer: llama.cpp re-implements each pre-tokenizer it knows under a name (`tokenizer.ggml.pre`).
   We pick the name whose pre-tokenizer is the one in our tokenizer.json, compared by structure and
   regex, and refuse a tokenizer that matches none rather than write a file that tokenizes differently.
+  SentencePiece-style tokenizers (byte fallback, "▁" for spaces) go as llama.cpp's `llama` model,
+  whose merge order is carried by the scores.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,15 +49,17 @@ PRE_TOKENIZERS = {
 }
 
 # token types (llama.cpp's llama_token_type)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
 class GGUFVocab:
-    pre: str
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE) or llama (SentencePiece-style)
+    pre: Optional[str]
     tokens: list[str]
     types: list[int]
     merges: list[str]
+    scores: Optional[list[float]] = None
 
 
 def _pre_key(tj: dict) -> tuple:
@@ -79,18 +84,59 @@ def _pre_key(tj: dict) -> tuple:
     return tuple(key), (norm or {}).get("type")
 
 
+def _spm_style(tj: dict) -> bool:
+    """A SentencePiece BPE written as tokenizer.json (Llama 2, TinyLlama, Mistral): byte fallback, and
+    spaces turned into "▁" with one prepended, by the normalizer or a Metaspace pre-tokenizer."""
+    model, norm, pre = tj.get("model", {}), tj.get("normalizer") or {}, tj.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    by_norm = [x.get("type") for x in steps] == ["Prepend", "Replace"] and steps[0].get("prepend") == "\u2581" \
+        and steps[1].get("content") == "\u2581" and steps[1].get("pattern", {}).get("String") == " " and not pre
+    by_pre = pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581" \
+        and pre.get("prepend_scheme", "always") in ("always", "first") and not norm
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and (by_norm or by_pre)
+
+
+def _table(tok, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id and their types; rows past the tokenizer become unused placeholders."""
+    vocab = tok.tok.get_vocab(with_added_tokens=True)
+    if len(vocab) > vocab_size:
+        raise LlmgenError(f"the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embedding rows; "
+                          f"the checkpoint is inconsistent")
+    tokens: list[Optional[str]] = [None] * vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+    added = {t.content: t.special for t in tok.tok.get_added_tokens_decoder().values()}
+    types = [NORMAL] * vocab_size
+    for i, text in enumerate(tokens):
+        if text is None:
+            tokens[i], types[i] = f"[PAD{i}]", UNUSED
+        elif text in added:
+            types[i] = CONTROL if added[text] else USER_DEFINED
+    return tokens, types
+
+
 def gguf_vocab(tok, vocab_size: int) -> GGUFVocab:
-    """Tokens, types, merges and llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer; the model's
-    extra embedding rows (a vocabulary padded past the tokenizer) become unused placeholder tokens."""
+    """The GGUF vocabulary of a tokenizer: byte-level BPEs as llama.cpp's `gpt2` model with the name of
+    the pre-tokenizer that splits like ours; SentencePiece-style BPEs as its `llama` model, whose merge
+    order the scores carry (a token made by merge rank r scores -r)."""
     tj = json.loads(tok.tok.to_str())
     model = tj.get("model", {})
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if _spm_style(tj):
+        tokens, types = _table(tok, vocab_size)
+        rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))}  # the first merge making it
+        scores = [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+        unk = model.get("unk_token")
+        for i, t in enumerate(tokens):
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+                types[i] = BYTE
+            elif t == unk:
+                types[i] = UNKNOWN
+        return GGUFVocab("llama", None, tokens, types, [], scores)
     if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
         raise LlmgenError("GGUF export supports byte-level BPE tokenizers (llmgen's bpe and bytes, GPT-2, SmolLM2, "
-                          "Llama 3, Qwen2); this one is " + ("a SentencePiece-style BPE (byte fallback)"
-                                                             if model.get("byte_fallback") else f"a {model.get('type')} "
-                                                             "tokenizer") + ": export --format hf and convert that "
-                          "with llama.cpp's convert_hf_to_gguf.py")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+                          "Llama 3, Qwen2) and SentencePiece-style ones (Llama 2, TinyLlama, Mistral); this one is a "
+                          f"{model.get('type')} tokenizer llama.cpp would split differently: export --format hf instead")
     key = _pre_key(tj)
     if not merges:
         pre = "gpt-2"  # no merges: every piece falls apart into its bytes, however the text is split first
@@ -100,22 +146,8 @@ def gguf_vocab(tok, vocab_size: int) -> GGUFVocab:
         raise LlmgenError(f"the tokenizer's pre-tokenizer {json.dumps(tj.get('pre_tokenizer'))[:160]} is none of "
                           f"those llama.cpp implements (gpt-2, smollm, llama-bpe, qwen2); a GGUF file would tokenize "
                           f"differently, so none was written")
-    vocab = tok.tok.get_vocab(with_added_tokens=True)
-    n = max(len(vocab), vocab_size)
-    tokens: list[Optional[str]] = [None] * n
-    for text, i in vocab.items():
-        tokens[i] = text
-    added = {t.content: t.special for t in tok.tok.get_added_tokens_decoder().values()}
-    types = [NORMAL] * n
-    for i, text in enumerate(tokens):
-        if text is None:
-            tokens[i], types[i] = f"[PAD{i}]", UNUSED
-        elif text in added:
-            types[i] = CONTROL if added[text] else USER_DEFINED
-    if len(vocab) > vocab_size:
-        raise LlmgenError(f"the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embedding rows; "
-                          f"the checkpoint is inconsistent")
-    return GGUFVocab(pre, tokens, types, merges)
+    tokens, types = _table(tok, vocab_size)
+    return GGUFVocab("gpt2", pre, tokens, types, merges)
 
 
 def _gguf():
@@ -316,13 +348,20 @@ def export_gguf(model_path: Optional[str], output: Path, outtype: str = "f16", o
                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
         if outtype == "q8_0":
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(vocab.pre)
+        w.add_tokenizer_model(vocab.model)
         w.add_token_list(vocab.tokens)
         w.add_token_types(vocab.types)
-        # llama.cpp requires the merges key even when the list is empty (the bytes tokenizer)
-        w.add_key_value(gguf.Keys.Tokenizer.MERGES, vocab.merges, gguf.GGUFValueType.ARRAY,
-                        sub_type=gguf.GGUFValueType.STRING)
+        if vocab.model == "gpt2":
+            w.add_tokenizer_pre(vocab.pre)
+            # llama.cpp requires the merges key even when the list is empty (the bytes tokenizer)
+            w.add_key_value(gguf.Keys.Tokenizer.MERGES, vocab.merges, gguf.GGUFValueType.ARRAY,
+                            sub_type=gguf.GGUFValueType.STRING)
+        else:
+            w.add_token_scores(vocab.scores)
+            w.add_add_space_prefix(True)  # "▁" before the text, as the tokenizer's normalizer does
+            unk = tok.tok.token_to_id(json.loads(tok.tok.to_str())["model"].get("unk_token") or "")
+            if unk is not None:
+                w.add_unk_token_id(unk)
         bos = tok.token_id(tok.extra_config.get("bos_token") or "") if tok.extra_config.get("bos_token") else None
         w.add_bos_token_id(bos if bos is not None else tok.eot_id)
         w.add_eos_token_id(tok.eot_id)
