@@ -192,16 +192,13 @@ class Engine:
         for q in reqs:
             sched.submit(q)
         got: dict[int, list[Request]] = {}
-        while len(finished) < len(reqs) or finished:
-            if not finished:
+        for _ in reqs:  # one finished request per turn
+            while not finished:
                 sched.step()
-            while finished:
-                q = finished.pop(0)
-                got.setdefault(q.tag, []).append(q)
-                if len(got[q.tag]) == n:
-                    yield q.tag, [x.completion for x in sorted(got.pop(q.tag), key=lambda x: x.id)]
-            if not got and all(q.done for q in reqs):
-                break
+            q = finished.pop(0)
+            got.setdefault(q.tag, []).append(q)
+            if len(got[q.tag]) == n:
+                yield q.tag, [x.completion for x in sorted(got.pop(q.tag), key=lambda x: x.id)]
 
     def stream(self, prompt: Prompt, p: SamplingParams, system: Optional[str] = None) -> Stream:
         """Text pieces as they are produced (one prompt, sampling or greedy); see `Stream`. Bad
