@@ -260,8 +260,8 @@ def test_compiled_step_runs_split_product_as_one_operator(monkeypatch):
     model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=8, n_kv_head=4, d_model=512, max_seq_len=128,
                                     vocab_size=260))  # 512 x 1024 q/k/v weight: 2 MB, past the split threshold
     tok = bytes_tokenizer()
-    eager = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu"))
-    compiled = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu", compile=True))
+    eager = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu", quantize="none"))
+    compiled = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu", quantize="none", compile=True))
     assert compiled.model.blocks[0].attn.fused_qkv.weight.stride(0) == 1  # column-major: the split path is taken
     p = GenerateConfig(max_new_tokens=12, temperature=0.0)
     want = [c[0].tokens for c in eager.generate(["Hello there"], p)]
@@ -284,21 +284,32 @@ def test_compiled_step_runs_split_product_as_one_operator(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_matches_eager():
+@pytest.mark.parametrize("quantize", ["none", "fp16"])
+def test_compiled_decode_step_matches_eager(quantize):
     """generate.compile: the torch.compile'd static-shape decode step (used while one request decodes
-    alone) gives the eager engine's tokens; batches decode eagerly with the same result."""
+    alone) gives the eager engine's tokens, in one graph (fp16 weights through the llmgen::fp16_linear
+    operator); batches decode eagerly with the same result. The fp16 case runs after the fp32 one in the
+    same process: each engine must compile its own graphs, not reuse another engine's."""
     import copy
 
+    from torch._dynamo.utils import counters
+
+    from llmgen.kernels import fp16_weights
+
+    if quantize == "fp16" and not fp16_weights.available():
+        pytest.skip("no FBGEMM fp16 product in this torch build")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
                                     vocab_size=260))
     tok = bytes_tokenizer()
-    eager = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu"))
-    compiled = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu", compile=True))
+    eager = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu", quantize=quantize))
+    compiled = Engine(copy.deepcopy(model), tok, options=EngineOptions(device="cpu", quantize=quantize, compile=True))
     p = GenerateConfig(max_new_tokens=24, temperature=0.0)
+    counters.clear()
     for prompts in (["Hello there", "A much longer prompt than the first"], ["Once upon a time"], ["Again"]):
         want = [c[0].tokens for c in eager.generate(prompts, p)]
         result = compiled.generate(prompts, p)
         assert [c[0].tokens for c in result] == want
         # the first lone request compiles its cache size (timed apart from decoding); the next reuses it
         assert (result.stats.compile_s > 0) == (prompts == ["Once upon a time"]), result.stats
+    assert not counters["graph_break"], dict(counters["graph_break"])

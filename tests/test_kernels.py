@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from llmgen.config import ModelConfig, build_config
-from llmgen.kernels import cpu_matmul, fuse_projections, prepare_for_inference, quantize_int8
+from llmgen.errors import LlmgenError
+from llmgen.kernels import cpu_matmul, fp16_weights, fuse_projections, prepare_for_inference, quantize_int8
 from llmgen.kernels.cpu_matmul import DecodeLinear, linear
+from llmgen.kernels.fp16_weights import Fp16Linear
 from llmgen.kernels.int8 import Int8Linear
 from llmgen.model.kv_cache import KVCache
 from llmgen.model.transformer import Transformer
@@ -96,7 +98,8 @@ def test_int8_weights_track_fp32():
                                     vocab_size=260)).eval()
     q = quantize_int8(copy.deepcopy(model))
     assert not any(type(m) is torch.nn.Linear for m in q.modules())
-    assert type(prepare_for_inference(copy.deepcopy(model), "int8").lm_head) is Int8Linear
+    q2 = copy.deepcopy(model)
+    assert prepare_for_inference(q2, "int8") == "int8 weights" and type(q2.lm_head) is Int8Linear
     idx = torch.randint(0, 260, (2, 20))
     with torch.no_grad():
         a, b = model(idx), q(idx)
@@ -120,3 +123,93 @@ def test_a_model_moved_to_another_dtype_is_fused_again():
     assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max().item() < 0.1
     a = model.blocks[0].attn
     assert a.wq.weight.data_ptr() == a.fused_qkv.weight.data_ptr()
+
+
+needs_fbgemm = pytest.mark.skipif(not fp16_weights.available(), reason="this torch build has no FBGEMM fp16 product")
+
+
+def small_model(arch: str = "llama") -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(build_config({"model": {"preset": None, "arch": arch, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+                                               "d_model": 128, "max_seq_len": 64, "vocab_size": 512}}).model).eval()
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fp16_weights_are_fp32_math_on_rounded_weights(arch):
+    """fp16 weights (FBGEMM): every projection computes x @ fp16(W).T + b in fp32, so the network's logits
+    are the fp32 logits of the same model with its projection weights rounded to fp16; cached decoding
+    agrees with the full pass; the state dict is unchanged."""
+    plain = small_model(arch)
+    rounded = copy.deepcopy(plain)
+    with torch.no_grad():
+        for m in rounded.modules():
+            if type(m) is torch.nn.Linear:
+                m.weight.copy_(m.weight.half().float())
+    fast = copy.deepcopy(plain)
+    keys = set(plain.state_dict())
+    fuse_projections(fast, fp16=True)
+    assert set(fast.state_dict()) == keys
+    assert type(fast.lm_head) is Fp16Linear and fast.blocks[0].attn.fused_qkv.handle is not None
+    if plain.cfg.tie_embeddings:
+        assert fast.lm_head.weight is fast.tok_emb.weight
+    idx = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        full, want, ref = fast(idx), rounded(idx), plain(idx)
+        cache = KVCache.allocate(plain.cfg, 2, 64)
+        fast(idx[:, :8], cache=cache, pos=0)
+        steps = torch.stack([fast(idx[:, t:t + 1], cache=cache, pos=t)[:, -1] for t in range(8, 12)], 1)
+    assert torch.allclose(full, want, atol=2e-4, rtol=1e-4)  # the rounded weights' fp32 logits
+    assert (full - ref).abs().max() > 0  # not the fp32 weights: the test can tell them apart
+    assert torch.allclose(steps, full[:, 8:], atol=2e-4, rtol=1e-4)
+
+
+@needs_fbgemm
+def test_weights_path_is_measured_or_as_asked(monkeypatch):
+    """quantize auto picks fp16 weights only where the probe measured them clearly faster; none and fp16
+    are obeyed; fp16 on a model that is not fp32 is refused in one line."""
+    monkeypatch.setattr(fp16_weights, "speedup", lambda: 2.5)
+    m = small_model()
+    assert "fp16 weights (FBGEMM: decode matmul 2.5x" in prepare_for_inference(m, None)
+    assert type(m.blocks[0].mlp.w2) is Fp16Linear
+    monkeypatch.setattr(fp16_weights, "speedup", lambda: 1.1)
+    m = small_model()
+    assert prepare_for_inference(m, "auto").startswith("fp32 weights") and type(m.blocks[0].mlp.w2) is DecodeLinear
+    m = small_model()
+    assert prepare_for_inference(m, "fp16") == "fp16 weights (FBGEMM), as asked" and type(m.lm_head) is Fp16Linear
+    m = small_model()
+    assert prepare_for_inference(m, "none") == "" and type(m.lm_head) is DecodeLinear
+    with pytest.raises(LlmgenError, match="fp16 is a CPU path for fp32 models.*bfloat16 on cpu"):
+        prepare_for_inference(small_model().to(torch.bfloat16), "fp16")
+
+
+@needs_fbgemm
+def test_fp16_prepared_model_moved_to_bf16_is_prepared_again():
+    """An engine over a model prepared with fp16 weights, then moved to bf16: every swapped layer and fused
+    projection is rebuilt for the new weights (none runs on the old fp32 snapshot)."""
+    m = small_model()
+    x = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        ref = m(x)
+    fuse_projections(m, fp16=True)
+    m.to(torch.bfloat16)
+    fuse_projections(m)
+    assert type(m.lm_head) is DecodeLinear and m.blocks[0].attn.fused_qkv.handle is None
+    with torch.no_grad():
+        got = m(x)
+    assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max().item() < 0.1
+
+
+@needs_fbgemm
+def test_fp16_packs_are_freed_with_their_model():
+    import gc
+
+    def live() -> int:
+        gc.collect()
+        return sum(p is not None for p in fp16_weights._packed)
+
+    before = live()
+    m = fuse_projections(small_model(), fp16=True)
+    assert live() == before + 2 * 4 + 1  # per block: q/k/v, o, gate/up, down; and the output head
+    del m
+    assert live() == before

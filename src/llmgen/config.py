@@ -236,7 +236,9 @@ class EngineOptions:
 
     device: Optional[str] = None  # null = cuda when available, else cpu
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: measured (kernels.precision)
-    quantize: Optional[Literal["int8"]] = None  # int8 weight-only weights (4x less memory; slower on CPU)
+    # decoding weights: auto (null) = fp16 through FBGEMM where measured faster (fp32 models on x86 CPUs), else
+    # the model's own; none = the model's own; fp16; int8 weight-only (4x less memory; slow on most CPUs)
+    quantize: Optional[Literal["auto", "none", "fp16", "int8"]] = None
     compile: bool = False  # torch.compile the decode step (the first generation pays the compile time)
 
 
@@ -248,7 +250,9 @@ class GenerateConfig(SamplingParams):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto", metadata=_flag("Weights and activations: auto = bf16 where this machine runs it clearly "
                                        "faster than fp32 (measured), else fp32."))
-    quantize: Optional[Literal["int8"]] = field(default=None, metadata=_flag("int8: int8 weight-only decoding."))
+    quantize: Optional[Literal["auto", "none", "fp16", "int8"]] = field(default=None, metadata=_flag(
+        "Decoding weights: auto (default) = fp16 where this CPU runs them clearly faster than fp32 (measured), "
+        "none = the model's own, fp16, int8 (weight-only)."))
     compile: bool = field(default=False, metadata=_flag("torch.compile the decode step."))
 
     def engine_options(self, device: Optional[str] = None) -> EngineOptions:

@@ -18,6 +18,7 @@ keeps `num_beams` rows in a cache of its own and reorders it in place.
 from __future__ import annotations
 
 import time
+import types
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -74,16 +75,15 @@ def check_params(p: SamplingParams) -> None:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, fmt: Optional[PromptFormat] = None,
-                 options: Optional[EngineOptions] = None, source: str = "", fuse: bool = True):
+                 options: Optional[EngineOptions] = None, source: str = ""):
         options = options or EngineOptions()
         quantize = options.quantize
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype, self.dtype_why = choose_dtype(self.device, options.dtype)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.n_params = model.num_params()
-        if fuse or quantize:  # int8 weights, or q/k/v and gate/up as one matmul each (no extra memory)
-            prepare_for_inference(model, quantize)
-        self.quantize = quantize
+        # int8 weights, or q/k/v and gate/up as one matmul each, with fp16 weights where they pay
+        self.weights = prepare_for_inference(model, quantize)
         # torch.compile of the one-token decode step over a fixed-size cache (compiled once per batch
         # size and cache bucket; the first generation pays the compile time). Per-call overhead is what
         # a small step costs, so guards skip the model's attributes (the engine never changes the
@@ -94,7 +94,7 @@ class Engine:
             inductor["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         if self.device.type == "cpu":
             inductor["cpp_wrapper"] = True
-        self._compiled = torch.compile(self._step, dynamic=False, options=inductor) if options.compile else None
+        self._compiled = torch.compile(self._own_step(), dynamic=False, options=inductor) if options.compile else None
         self._compiled_shapes: set[tuple[int, int]] = set()  # (batch, cache size) already compiled
         self.dtype = dtype
         self.tok = tokenizer
@@ -102,10 +102,18 @@ class Engine:
         self.source = source
         self.cfg = model.cfg
 
+    def _own_step(self) -> Callable:
+        """`_step` bound to this engine with a code object of its own. Dynamo keeps compiled graphs per code
+        object, and since the guards skip the model, two engines in one process would otherwise share
+        graphs (and run one model's kernels, e.g. its packed fp16 weights, for the other)."""
+        f = Engine._step
+        code = f.__code__.replace(co_name=f"_step_{id(self):x}")
+        return types.MethodType(types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__), self)
+
     def describe(self) -> str:
         """One line on the path this engine decodes with: device, precision and why, kernels."""
         parts = [str(self.device), f"{dtype_name(self.dtype)} ({self.dtype_why})"]
-        parts += [f"{self.quantize} weights"] if self.quantize else []
+        parts += [self.weights] if self.weights else []
         parts += ["compiled decode step"] if self._compiled is not None else []
         return ", ".join(parts)
 

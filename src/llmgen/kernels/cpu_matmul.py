@@ -104,4 +104,5 @@ class DecodeLinear(nn.Linear):
         new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         new.weight, new.bias = layer.weight, layer.bias
         new.weight.data = decode_layout(layer.weight.data)
+        new.made_from = new.weight.data_ptr()  # kernels.stale
         return new

@@ -11,14 +11,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from llmgen.kernels import fp16_weights
 from llmgen.kernels.cpu_matmul import decode_layout, linear
 
 
 class FusedLinear:
-    """Callable: x -> the outputs of `layers` for x, computed as one product. A plain object, not a
-    module, so that setting it on the model adds nothing to its parameters or state dict."""
+    """Callable: x -> the outputs of `layers` for x, computed as one product (with `fp16`, through an
+    fp16-packed copy of the joined weight: `fp16_weights.py`). A plain object, not a module, so that
+    setting it on the model adds nothing to its parameters or state dict."""
 
-    def __init__(self, layers: Sequence[nn.Linear]):
+    def __init__(self, layers: Sequence[nn.Linear], fp16: bool = False):
         self.sizes = [m.out_features for m in layers]
         self.weight = decode_layout(torch.cat([m.weight.detach() for m in layers]))
         self.bias: Optional[torch.Tensor] = None
@@ -30,11 +32,15 @@ class FusedLinear:
             if self.bias is not None:
                 m.bias.data = self.bias[row:row + n]
             row += n
+        self.made_from = self.weight.data_ptr()
+        self.handle = fp16_weights.pack(self.weight, self.bias, self) if fp16 else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.handle is not None:
+            return fp16_weights.fp16_linear(x, self.handle, sum(self.sizes)).split(self.sizes, dim=-1)
         return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 def plain(*layers: nn.Module) -> bool:
-    """Whether the layers are unwrapped nn.Linear (not LoRA, int8 or already swapped)."""
+    """Whether the layers are unwrapped nn.Linear (not LoRA, int8, fp16 or already swapped)."""
     return all(type(m) is nn.Linear for m in layers)
