@@ -176,8 +176,9 @@ class Scheduler:
         while not all(r.done for r in reqs):
             self.step()
 
-    def serve(self, stop: threading.Event) -> None:
-        """The loop of a background thread: step while there is work, sleep until there is."""
+    def serve(self, stop: threading.Event, after_step: Callable[[], None] = lambda: None) -> None:
+        """The loop of a background thread: step while there is work, sleep until there is. `after_step`
+        runs after every step (the server hands the step's callbacks' results over in one go)."""
         while not stop.is_set():
             with self.cond:
                 while not (self.waiting or self.rows) and not stop.is_set():
@@ -187,9 +188,11 @@ class Scheduler:
                     self.step()
                 except Exception as e:  # noqa: BLE001  (one bad step must not take the server down)
                     self.fail_all(f"{type(e).__name__}: {e}")
+                after_step()
         for r in list(self.rows) + list(self.waiting):  # shutting down: nothing is left hanging
             r.cancelled = True
         self._drop_cancelled()
+        after_step()
 
     def fail_all(self, error: str) -> None:
         """End every request with finish_reason "error" (the step that failed left the cache in an

@@ -183,11 +183,24 @@ class Server:
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.created = int(time.time())
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # filled by the scheduler thread during a step
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.scheduler.serve, args=(self.stop,), name="llmgen-scheduler",
-                                       daemon=True)
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self.scheduler.serve, args=(self.stop, self.flush),
+                                       name="llmgen-scheduler", daemon=True)
         self.thread.start()
+
+    def flush(self) -> None:
+        """Hand what the last step produced (pieces, finished requests) to the event loop in one wake-up,
+        not one per token per stream (scheduler thread)."""
+        if self.outbox:
+            items, self.outbox = self.outbox, []
+            try:
+                self.loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed (shutting down): nobody is listening
+                pass
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -208,7 +221,7 @@ class Server:
         raise ApiError(404, f"The model {model!r} does not exist; GET /v1/models lists "
                             f"{', '.join([self.model_id, *self.personas])}", "model", "model_not_found")
 
-    def make_requests(self, ids: list[int], p: SamplingParams, n: int, stops: tuple, loop, queue) -> list[Request]:
+    def make_requests(self, ids: list[int], p: SamplingParams, n: int, stops: tuple, queue) -> list[Request]:
         limit = self.scheduler.max_len
         if len(ids) + p.max_new_tokens > limit:
             room = limit - len(ids)
@@ -223,8 +236,8 @@ class Server:
         reqs = []
         for k in range(n):
             req = Request(ids, p, *stops, seed=None if p.seed is None else p.seed + k)
-            req.on_piece = lambda text, r=req: loop.call_soon_threadsafe(queue.put_nowait, ("piece", r, text))
-            req.on_done = lambda r: (self.metrics.observe(r), loop.call_soon_threadsafe(queue.put_nowait, ("done", r, None)))
+            req.on_piece = lambda text, r=req: self.outbox.append((queue, ("piece", r, text)))
+            req.on_done = lambda r: (self.metrics.observe(r), self.outbox.append((queue, ("done", r, None))))
             reqs.append(req)
         for r in reqs:
             self.scheduler.submit(r)
@@ -234,6 +247,45 @@ class Server:
         for r in reqs:
             if not r.done:
                 self.scheduler.cancel(r)
+
+
+class Guard:
+    """The API key and body size checks on /v1 routes, and the request counter, as plain ASGI middleware
+    (FastAPI's `@app.middleware("http")` passes every chunk of a streamed response through a channel
+    and a task switch of its own)."""
+
+    def __init__(self, app, server: Server, cfg: ServeConfig):
+        self.app, self.server, self.cfg = app, server, cfg
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}  # names in lower case
+        cfg, refusal = self.cfg, None
+        if cfg.api_key and not hmac.compare_digest(headers.get("authorization", "").encode(),
+                                                   f"Bearer {cfg.api_key}".encode()):
+            refusal = ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
+                               None, "invalid_api_key")
+        size = headers.get("content-length")
+        if refusal is None and size is not None and size.isdigit() and int(size) > cfg.max_body_kb * 1024:
+            refusal = ApiError(413, f"the request body is {int(size)} bytes; the limit is {cfg.max_body_kb} KB",
+                               None, "request_too_large")
+        if refusal is not None:
+            self.server.metrics.requests.labels(path, str(refusal.status)).inc()
+            return await refusal.response()(scope, receive, send)
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.server.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _finish_reason(reason: str) -> str:
@@ -247,36 +299,14 @@ def create_app(engine: Engine, model_id: str, cfg: Optional[ServeConfig] = None,
     server = Server(engine, model_id, cfg, defaults or GenerateConfig(), personas or [])
 
     async def lifespan(app):
-        server.start()
+        server.start()  # in the event loop: the scheduler thread hands its results to this loop
         yield
         server.shutdown()
 
     app = FastAPI(title="llmgen", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        path = request.url.path
-        if path.startswith("/v1"):
-            if cfg.api_key:
-                given = request.headers.get("authorization", "")
-                want = f"Bearer {cfg.api_key}"
-                if not hmac.compare_digest(given.encode(), want.encode()):
-                    server.metrics.requests.labels(path, "401").inc()
-                    return ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
-                                    None, "invalid_api_key").response()
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > cfg.max_body_kb * 1024:
-                server.metrics.requests.labels(path, "413").inc()
-                return ApiError(413, f"the request body is {int(size)} bytes; the limit is {cfg.max_body_kb} KB",
-                                None, "request_too_large").response()
-        try:
-            response = await call_next(request)
-        except ApiError as e:
-            response = e.response()
-        if path.startswith("/v1"):
-            server.metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, server=server, cfg=cfg)
 
     async def read_json(request: HttpRequest) -> dict:
         raw = b""
@@ -344,11 +374,11 @@ def create_app(engine: Engine, model_id: str, cfg: Optional[ServeConfig] = None,
                 stops = eng._stops(p, None)
         except LlmgenError as e:
             raise ApiError(400, str(e), "messages" if chat else "prompt", "invalid_value") from None
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()
         reqs: list[Request] = []
         try:
             for ids in prompts:
-                reqs += server.make_requests(ids, p, n, stops, loop, queue)
+                reqs += server.make_requests(ids, p, n, stops, queue)
         except ApiError:
             server.cancel(reqs)
             raise
@@ -420,20 +450,26 @@ async def _events(server: Server, http: HttpRequest, reqs: list[Request], index:
         left = len(reqs)
         while left:
             try:
-                kind, r, text = await asyncio.wait_for(queue.get(), timeout=1.0)
+                items = [queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), timeout=1.0)]
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     return
                 continue
-            if kind == "piece":
-                yield _sse(chunk(index[r.id], text, None))
-            elif r.completion.finish_reason == "error":  # as OpenAI reports an error mid-stream
-                yield _sse({"error": {"message": f"generation failed: {r.completion.text}", "type": "server_error",
-                                      "param": None, "code": "internal_error"}})
-                return
-            else:
-                left -= 1
-                yield _sse(chunk(index[r.id], None, _finish_reason(r.completion.finish_reason)))
+            while not queue.empty():  # everything that is there (a step's tokens arrive together): one write
+                items.append(queue.get_nowait())
+            out = []
+            for kind, r, text in items:
+                if kind == "piece":
+                    out.append(_sse(chunk(index[r.id], text, None)))
+                elif r.completion.finish_reason == "error":  # as OpenAI reports an error mid-stream
+                    out.append(_sse({"error": {"message": f"generation failed: {r.completion.text}",
+                                               "type": "server_error", "param": None, "code": "internal_error"}}))
+                    yield "".join(out)
+                    return
+                else:
+                    left -= 1
+                    out.append(_sse(chunk(index[r.id], None, _finish_reason(r.completion.finish_reason))))
+            yield "".join(out)
         if include_usage:
             p_tok = sum(len(ids) for ids in {id(r.ids): r.ids for r in reqs}.values())
             c_tok = sum(len(r.completion.tokens) for r in reqs)
