@@ -9,7 +9,8 @@ produces exactly `--new-tokens` tokens. Ours is `Engine.generate` (prefill + KV-
 random); with `--llama-cpp-python` (a throwaway venv with llama-cpp-python built from source:
 docs/benchmarks.md), llama.cpp decodes the same prompt ids from that GGUF at batch 1 with the same
 threads, side by side. Batch 8 reports aggregate tokens/s. The bandwidth limit is the measured rate of reading a
-buffer the size of the fp32 weights divided by those bytes (every token reads every weight once).
+buffer the size of the weights as decoding streams them (fp32, or fp16 where the engine packed
+them so) divided by those bytes (every token reads every weight once).
 A second llmgen engine (`--variant`) decodes with int8 weight-only quantization (`--quantize int8`)
 or the compiled step (`--compile`); its cost is reported as the change in perplexity on a fixed
 text (meaningful for real weights; for random ones it only shows the rounding noise).
@@ -159,6 +160,8 @@ def main() -> None:
             folder = build(name, work, args.smollm2_gguf)
             lm = load_model(str(folder))
             engine = Engine(lm.model, lm.tokenizer, options=EngineOptions(device="cpu"))
+            print(f"{name}: llmgen decodes with {engine.describe()}", flush=True)
+            result.setdefault("engine", {})[name] = engine.describe()
             engine2 = None  # the second engine: int8 weights, or the compiled decode step
             if v != "none":
                 lm2 = load_model(str(folder))
@@ -171,7 +174,8 @@ def main() -> None:
             hf = AutoModelForCausalLM.from_pretrained(export_hf(str(folder), work / "hf"), dtype=torch.float32).eval()
             prompt = list(range(3, 19))  # 16 prompt tokens
             n_params = engine.n_params
-            weight_bytes = n_params * 4
+            # bytes streamed per token: the projections in the precision they run in (fp16 weights: 2 bytes)
+            weight_bytes = n_params * (2 if "fp16 weights" in engine.weights else engine.dtype.itemsize)
             rate = read_rate(weight_bytes)
             for batch in sorted({1, args.batch}):
                 prompts = [prompt] * batch

@@ -18,8 +18,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from safetensors.torch import save_file
 from accelerate.utils import FullyShardedDataParallelPlugin
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 
 from llmgen.config import TrainConfig
 from llmgen.kernels.precision import choose_dtype
@@ -61,12 +59,17 @@ def gather_full_state(acc: Accelerator, model, optimizer) -> tuple[dict, dict]:
     (a collective: every rank calls it)."""
     weights = acc.get_state_dict(model)
     weights = {k.removeprefix("model."): v for k, v in weights.items()}  # the loss wrapper's prefix
+    # FSDP only, so imported here: torch.distributed.checkpoint takes ~1 s to import on a small CPU
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     opt = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return weights, opt
 
 
 def load_optimizer_state(model, optimizer, state: dict, fsdp: bool) -> None:
     if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,8 +11,11 @@ from llmgen.atomic import atomic_write_text, disk_full_error
 
 
 class RunLog:
+    PLOT_EVERY_S = 30.0  # drawing loss.png takes ~0.2 s (and matplotlib ~0.7 s to import): not at every eval
+
     def __init__(self, run_dir: Path, resume_step: Optional[int] = None):
         self.run_dir = Path(run_dir)
+        self.plotted = time.monotonic()  # the first chart after PLOT_EVERY_S of training
         self.path = self.run_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.is_file():
@@ -44,8 +48,12 @@ class RunLog:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
 
-    def plot(self) -> None:
-        """Write loss.png: train loss per logged step and val loss per eval."""
+    def plot(self, force: bool = False) -> None:
+        """Write loss.png: train loss per logged step and val loss per eval; unless `force`, only when the
+        last chart is PLOT_EVERY_S old (so a short run's evaluations do not wait on drawing)."""
+        if not force and time.monotonic() - self.plotted < self.PLOT_EVERY_S:
+            return
+        self.plotted = time.monotonic()
         import matplotlib  # heavy (~0.5 s); only when a chart is written
 
         matplotlib.use("Agg")

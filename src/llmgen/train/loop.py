@@ -266,9 +266,9 @@ class Trainer:
         st.best_val, st.bad_evals = (val, 0) if improved else (st.best_val, st.bad_evals + 1)
         if self.main:
             self.log.log(rec)
-            self.log.plot()
             ui.info(f"step {st.step}: val loss {val:.4f}" +
                     (f", {rec['val_bpb']:.4f} bits/byte" if "val_bpb" in rec else "") + (" (best)" if improved else ""))
+            self.log.plot()
         return improved
 
     def checkpoint(self, val: Optional[float]) -> Path:
@@ -303,6 +303,8 @@ class Trainer:
         if not ckpts or ckpts[-1][0] != st.step:
             self.checkpoint(st.last_val)
         best_val = st.best_val if st.best_val < math.inf else None
+        if self.main:
+            self.log.plot(force=True)
         if st.stop_requested:
             self.say(f"interrupted: saved a checkpoint at step {st.step}; continue with "
                      f"`llmgen {self.job.kind} --resume` (same --config/--set)")
@@ -314,7 +316,6 @@ class Trainer:
             best = self.run.step_dir(st.best_step)
             chosen = best if self.t.keep == "best" and st.best_step >= 0 else self.run.checkpoints()[-1][1]
             self.run.publish_final(chosen)
-            self.log.plot()
         acc.wait_for_everyone()
         rate = self.tokens_per_step * (st.step - self.start_step) / max(time.perf_counter() - self.t_start, 1e-9)
         return TrainResult(self.run.path, self.run.path / "final", st.step, best_val, stopped_early=st.stopped_early,
