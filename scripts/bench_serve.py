@@ -121,12 +121,15 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after the other")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--llmgen-set", action="append", default=[],
+                    help="a --set for llmgen serve (repeatable), e.g. generate.compile=true")
     ap.add_argument("--out", default="bench_out/serve.json")
     args = ap.parse_args()
     max_batch = max(map(int, args.concurrency.split(",")))
     port = free_port()
     ours = run_server([sys.executable, "-m", "llmgen", "serve", "--model", args.model, "--port", str(port),
-                       "--max-batch", str(max_batch), "--set", "serve.max_len=1024"],
+                       "--max-batch", str(max_batch), "--set", "serve.max_len=1024",
+                       *[x for kv in args.llmgen_set for x in ("--set", kv)]],
                       Path(args.model).name, port, "llmgen", args)
     port = free_port()
     theirs = run_server([args.llama_server, "-m", args.gguf, "-t", str(args.threads), "-c", "16384",
@@ -136,7 +139,8 @@ def main() -> None:
         a, b = ours[c], theirs[c]
         rows.append(dict(clients=c, ours=a, llama_server=b, tok_s_ratio=round(a["tok_s"] / b["tok_s"], 3),
                          itl_ratio=round(a["itl_p50"] / b["itl_p50"], 3)))
-    report(args.out, dict(max_tokens=args.max_tokens, per_client=args.per_client, threads=args.threads, rows=rows),
+    report(args.out, dict(max_tokens=args.max_tokens, per_client=args.per_client, threads=args.threads,
+                          llmgen_set=args.llmgen_set, rows=rows),
            ["clients", "llmgen tok/s", "llama-server tok/s", "ratio", "TTFT p50/p95 ms (llmgen)",
             "TTFT p50/p95 ms (llama-server)", "ITL p50/p95 ms (llmgen)", "ITL p50/p95 ms (llama-server)"],
            [[r["clients"], f"{r['ours']['tok_s']:.1f}", f"{r['llama_server']['tok_s']:.1f}", f"{r['tok_s_ratio']}x",

@@ -239,3 +239,25 @@ def test_two_process_fsdp_resume_matches_uninterrupted(prepared, tmp_path):
     assert losses(resumed) == losses(full)
     lm = load_model(str(tmp_path / "full" / "final"))  # a plain checkpoint any command can load
     assert lm.model.num_params() > 0
+
+
+def test_loss_chart_is_redrawn_at_most_every_30_s(tmp_path, monkeypatch):
+    """loss.png: drawing it costs ~0.2 s, so evaluations redraw it only when the last chart is
+    PLOT_EVERY_S old; the end of a run (`force`) always draws the latest curve."""
+    from llmgen.train import logging as runlog
+
+    clock = [1000.0]
+    monkeypatch.setattr(runlog.time, "monotonic", lambda: clock[0])
+    log = runlog.RunLog(tmp_path)
+    log.log({"step": 1, "loss": 3.0})
+    log.plot()
+    assert not (tmp_path / "loss.png").exists()  # too soon after the start
+    clock[0] += runlog.RunLog.PLOT_EVERY_S
+    log.plot()
+    first = (tmp_path / "loss.png").read_bytes()
+    log.log({"step": 2, "loss": 2.0, "val_loss": 2.5})
+    clock[0] += 1
+    log.plot()
+    assert (tmp_path / "loss.png").read_bytes() == first  # throttled
+    log.plot(force=True)
+    assert (tmp_path / "loss.png").read_bytes() != first

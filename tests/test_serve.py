@@ -283,3 +283,32 @@ def test_a_failing_step_fails_its_requests_with_500_and_the_server_recovers(srv,
     monkeypatch.setattr(srv.engine, "_forward", forward)
     assert srv.health() == {"status": "ok", "running": 0, "waiting": 0}
     assert srv.client.completions.create(model="tiny", prompt="The", max_tokens=3, temperature=0).usage.completion_tokens
+
+
+@pytest.mark.slow
+def test_compiled_server_compiles_before_its_first_request(ckpt):
+    """With generate.compile the server compiles the one-request step at start-up (warm_up), for its own
+    cache size: the first user's request then runs the compiled step without compiling, also once its
+    tokens need more than the first 256 slots (the slot count is dynamic), and its greedy tokens equal
+    the eager engine's."""
+    from llmgen.config import EngineOptions
+
+    eager = Engine.load(str(ckpt))
+    compiled = Engine.load(str(ckpt), options=EngineOptions(compile=True))
+    app = create_app(compiled, "tiny", ServeConfig(max_len=1024), GenerateConfig(max_new_tokens=16))
+    server = app.state.server
+    assert server.warm_up() > 0 and compiled._compiled_shapes == {(1, 1024)}
+    calls = []
+    step = compiled._compiled
+    compiled._compiled = lambda *a: calls.append(1) or step(*a)
+    p = GenerateConfig(max_new_tokens=300, temperature=0.0, ignore_eos=True)  # past 256 slots: a bigger view
+    from llmgen.generate.engine import GenerationStats
+    from llmgen.generate.scheduler import Request
+
+    req = Request(compiled.tok.encode("The quick"), p, set(), [])
+    stats = GenerationStats()
+    server.scheduler.stats = stats
+    server.scheduler.run([req])
+    assert len(calls) == 299 and stats.compile_s == 0  # every step after the first token, none compiling
+    want = eager.generate(["The quick"], p)[0][0].tokens
+    assert req.generated == want

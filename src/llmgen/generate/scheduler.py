@@ -281,12 +281,21 @@ class Scheduler:
             self._accept(i, nxt[i])
 
     def _compiled_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One row alone: the engine's compiled decode step over its whole (fixed-size) row."""
+        """One row alone: the engine's compiled decode step over its row. A short row (generate sizes it
+        for its requests) is taken whole, a fixed shape; of a long one (a server's), only the slots its
+        tokens need, rounded up to a multiple of 256, as a dynamic dimension (attending over all of a
+        long row would make every step cost what the longest request costs): one graph either way."""
         eng = self.engine
         shape = (1, self.max_len)
         t1, new = time.perf_counter(), shape not in eng._compiled_shapes
-        valid = torch.ones(1, self.max_len, dtype=torch.bool, device=eng.device)
-        logits = eng._compiled(tok, self._row_view(0), pos, valid, torch.zeros(1, dtype=torch.long, device=eng.device))
+        size = self.max_len if self.max_len <= 512 else min(self.max_len, (int(pos[0]) // 256 + 1) * 256)
+        row = KVCache([k[0:1, :, :size] for k in self.cache.k], [v[0:1, :, :size] for v in self.cache.v])
+        valid = torch.ones(1, size, dtype=torch.bool, device=eng.device)
+        if self.max_len > 512:
+            for t in (*row.k, *row.v):
+                torch._dynamo.mark_dynamic(t, 2)  # (1, n_kv_head, slots, head_size)
+            torch._dynamo.mark_dynamic(valid, 1)
+        logits = eng._compiled(tok, row, pos, valid, torch.zeros(1, dtype=torch.long, device=eng.device))
         if new:
             eng._compiled_shapes.add(shape)
             self.stats.compile_s += time.perf_counter() - t1

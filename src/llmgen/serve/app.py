@@ -186,6 +186,14 @@ class Server:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # filled by the scheduler thread during a step
 
+    def warm_up(self) -> float:
+        """Compile the engine's one-request decode step for this server's cache size now, not on the first
+        user's request; seconds it took."""
+        t0 = time.perf_counter()
+        req = Request([self.engine.tok.eot_id], replace(self.defaults, max_new_tokens=2, temperature=0.0), set(), [])
+        self.scheduler.run([req])
+        return time.perf_counter() - t0
+
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.thread = threading.Thread(target=self.scheduler.serve, args=(self.stop, self.flush),
