@@ -380,8 +380,8 @@ def serve(
     name = Path(engine.source).parent.name if Path(engine.source).name == "final" else Path(engine.source).name
     application = create_app(engine, name, sc, cfg.generate, personas)
     if engine._compiled is not None:
-        ui.info("compiling the one-request decode step before serving (the first time about a minute; "
-                "seconds from inductor's on-disk cache after that)")
+        ui.info("compiling the decode steps before serving (the first time a minute or two; seconds from "
+                "inductor's on-disk cache after that)")
         ui.info(f"compiled in {application.state.server.warm_up():.1f}s")
     ids = ", ".join([name] + [f"{name}/{x.name}" for x in personas])
     ui.info(f"serving {engine.source} ({engine.describe()}) as {ids} on http://{sc.host}:{sc.port} "

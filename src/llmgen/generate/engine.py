@@ -94,7 +94,11 @@ class Engine:
             inductor["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         if self.device.type == "cpu":
             inductor["cpp_wrapper"] = True
-        self._compiled = torch.compile(self._own_step(), dynamic=False, options=inductor) if options.compile else None
+        self._compiled = torch.compile(self._own(Engine._step), dynamic=False, options=inductor) if options.compile else None
+        # the step of several rows, each at its own position (continuous batching): row count and slot
+        # count are dynamic dimensions, so one graph serves every batch
+        self._compiled_rows = (torch.compile(self._own(Engine._rows_step), dynamic=False, options=inductor)
+                               if options.compile else None)
         self._compiled_shapes: set[tuple[int, int]] = set()  # (batch, cache size) already compiled
         self.dtype = dtype
         self.tok = tokenizer
@@ -102,13 +106,13 @@ class Engine:
         self.source = source
         self.cfg = model.cfg
 
-    def _own_step(self) -> Callable:
-        """`_step` bound to this engine with a code object of its own. Dynamo keeps compiled graphs per code
+    def _own(self, method: Callable) -> Callable:
+        """`method` bound to this engine with a code object of its own. Dynamo keeps compiled graphs per code
         object, and since the guards skip the model, two engines in one process would otherwise share
         graphs (and run one model's kernels, e.g. its packed fp16 weights, for the other)."""
-        f = Engine._step
-        code = f.__code__.replace(co_name=f"_step_{id(self):x}")
-        return types.MethodType(types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__), self)
+        code = method.__code__.replace(co_name=f"{method.__name__}_{id(self):x}")
+        return types.MethodType(types.FunctionType(code, method.__globals__, code.co_name, method.__defaults__,
+                                                   method.__closure__), self)
 
     def describe(self) -> str:
         """One line on the path this engine decodes with: device, precision and why, kernels."""
@@ -257,6 +261,15 @@ class Engine:
         seen = torch.arange(valid.shape[1], device=pos.device) <= pos  # (S,)
         mask = (valid & seen)[:, None, None]  # (B, 1, 1, S)
         return self._logits(tok[:, None], cache, pos, mask, (pos - pad)[:, None])
+
+    def _rows_step(self, tok, cache, pos) -> torch.Tensor:
+        """One decode step of D rows each at its own position (the compiled batch path): tok (D,) the
+        newest tokens, pos (D,) the slot each goes to, cache views of D rows of S slots (S covering
+        every row's tokens); each row attends to its own slots up to its position."""
+        S = cache.k[0].shape[2]
+        rows = KVCache(cache.k, cache.v, seen=S)
+        mask = (torch.arange(S, device=pos.device)[None, :] <= pos[:, None])[:, None, None]  # (D, 1, 1, S)
+        return self._logits(tok[:, None], rows, pos[:, None], mask, pos[:, None])
 
     def _forward(self, idx, cache, pos, mask=None, positions=None) -> torch.Tensor:
         if self.device.type != "cuda":

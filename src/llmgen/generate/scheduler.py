@@ -269,6 +269,8 @@ class Scheduler:
             logits = self._compiled_step(tok, pos)
         elif D == 1:
             logits = eng._forward(tok[:, None], self._row_view(0), reqs[0].cached)
+        elif eng._compiled_rows is not None:
+            logits = self._compiled_rows(tok, pos)
         else:
             seen = int(pos.max()) + 1
             self.cache.seen = seen
@@ -296,6 +298,26 @@ class Scheduler:
                 torch._dynamo.mark_dynamic(t, 2)  # (1, n_kv_head, slots, head_size)
             torch._dynamo.mark_dynamic(valid, 1)
         logits = eng._compiled(tok, row, pos, valid, torch.zeros(1, dtype=torch.long, device=eng.device))
+        if new:
+            eng._compiled_shapes.add(shape)
+            self.stats.compile_s += time.perf_counter() - t1
+            self.stats.decode_s -= time.perf_counter() - t1
+        return logits
+
+    def _compiled_rows(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Several rows: the engine's compiled step over the decoding rows and the slots they use
+        (rounded up to a multiple of 256), both dynamic dimensions: one graph for every batch."""
+        eng, D = self.engine, tok.shape[0]
+        shape = ("rows", self.max_len)
+        t1, new = time.perf_counter(), shape not in eng._compiled_shapes
+        size = min(self.max_len, (int(pos.max()) // 256 + 1) * 256)
+        rows = KVCache([k[:D, :, :size] for k in self.cache.k], [v[:D, :, :size] for v in self.cache.v])
+        for t in (*rows.k, *rows.v):  # (rows, n_kv_head, slots, head_size)
+            torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(t, 2)
+        torch._dynamo.mark_dynamic(tok, 0)
+        torch._dynamo.mark_dynamic(pos, 0)
+        logits = eng._compiled_rows(tok, rows, pos)
         if new:
             eng._compiled_shapes.add(shape)
             self.stats.compile_s += time.perf_counter() - t1

@@ -187,11 +187,13 @@ class Server:
         self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # filled by the scheduler thread during a step
 
     def warm_up(self) -> float:
-        """Compile the engine's one-request decode step for this server's cache size now, not on the first
-        user's request; seconds it took."""
+        """Compile the engine's decode steps (one request alone, several at once) for this server's cache
+        size now, not on the first users' requests; seconds it took."""
         t0 = time.perf_counter()
-        req = Request([self.engine.tok.eot_id], replace(self.defaults, max_new_tokens=2, temperature=0.0), set(), [])
-        self.scheduler.run([req])
+        p = replace(self.defaults, max_new_tokens=3, temperature=0.0, ignore_eos=True)
+        eot = self.engine.tok.eot_id
+        # two requests of different lengths: a step of two rows, then the longer one alone
+        self.scheduler.run([Request([eot], replace(p, max_new_tokens=2), set(), []), Request([eot], p, set(), [])])
         return time.perf_counter() - t0
 
     def start(self) -> None:
