@@ -213,3 +213,25 @@ def test_fp16_packs_are_freed_with_their_model():
     assert live() == before + 2 * 4 + 1  # per block: q/k/v, o, gate/up, down; and the output head
     del m
     assert live() == before
+
+
+@needs_fbgemm
+def test_a_deep_copy_of_an_fp16_model_has_packs_of_its_own():
+    """Copying a model prepared with fp16 weights gives it its own packed weights: it keeps working, with
+    the same logits, after the original is gone (whose packs are freed with it)."""
+    import gc
+
+    m = fuse_projections(small_model(), fp16=True)
+    x = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        want = m(x)
+    twin = copy.deepcopy(m)
+    assert twin.lm_head.handle != m.lm_head.handle
+    assert twin.blocks[0].attn.fused_qkv.handle != m.blocks[0].attn.fused_qkv.handle
+    del m
+    gc.collect()
+    with torch.no_grad():
+        assert torch.equal(twin(x), want)
+    handles = (twin.lm_head.handle, twin.blocks[0].attn.fused_qkv.handle)
+    fuse_projections(twin, fp16=True)  # not stale: nothing is packed again
+    assert (twin.lm_head.handle, twin.blocks[0].attn.fused_qkv.handle) == handles

@@ -14,6 +14,7 @@ the product is a custom operator that takes the table index.
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 import weakref
@@ -97,6 +98,9 @@ class Fp16Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp16_linear(x, self.handle, self.out_features)
 
+    def __deepcopy__(self, memo) -> "Fp16Linear":
+        return repacked(self, memo)
+
     @classmethod
     def wrap(cls, layer: nn.Linear) -> "Fp16Linear":
         """An Fp16Linear sharing `layer`'s parameters (tied weights stay tied), packed now."""
@@ -105,3 +109,15 @@ class Fp16Linear(nn.Linear):
         new.handle = pack(layer.weight, layer.bias, new)
         new.made_from = layer.weight.data_ptr()
         return new
+
+
+def repacked(obj, memo):
+    """A deep copy of `obj` (an Fp16Linear or a fused projection) with a pack of its own: a shared handle
+    would be freed with the original."""
+    new = obj.__class__.__new__(obj.__class__)
+    memo[id(obj)] = new
+    new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in obj.__dict__.items()})
+    if getattr(new, "handle", None) is not None:
+        new.handle = pack(new.weight, new.bias, new)
+        new.made_from = new.weight.data_ptr() if obj.weight.data_ptr() == obj.made_from else -1  # stale stays stale
+    return new

@@ -35,6 +35,9 @@ class FusedLinear:
         self.made_from = self.weight.data_ptr()
         self.handle = fp16_weights.pack(self.weight, self.bias, self) if fp16 else None
 
+    def __deepcopy__(self, memo) -> "FusedLinear":
+        return fp16_weights.repacked(self, memo)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.handle is not None:
             return fp16_weights.fp16_linear(x, self.handle, sum(self.sizes)).split(self.sizes, dim=-1)
