@@ -232,6 +232,6 @@ def test_a_deep_copy_of_an_fp16_model_has_packs_of_its_own():
     gc.collect()
     with torch.no_grad():
         assert torch.equal(twin(x), want)
-    handles = (twin.lm_head.handle, twin.blocks[0].attn.fused_qkv.handle)
-    fuse_projections(twin, fp16=True)  # not stale: nothing is packed again
-    assert (twin.lm_head.handle, twin.blocks[0].attn.fused_qkv.handle) == handles
+    fuse_projections(twin, fp16=True)  # preparing the copy again (its projections are no longer views of
+    with torch.no_grad():  # one joined weight after the copy, so those are joined and packed anew)
+        assert torch.equal(twin(x), want)
