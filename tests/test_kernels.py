@@ -235,3 +235,18 @@ def test_a_deep_copy_of_an_fp16_model_has_packs_of_its_own():
     fuse_projections(twin, fp16=True)  # preparing the copy again (its projections are no longer views of
     with torch.no_grad():  # one joined weight after the copy, so those are joined and packed anew)
         assert torch.equal(twin(x), want)
+
+
+@needs_fbgemm
+def test_perplexity_sized_batches_use_the_fp32_weights():
+    """More than MAX_ROWS rows at once (a perplexity batch) multiply by the fp32 weights the layers keep:
+    the logits are the plain model's, not the fp16-rounded ones that decoding-sized inputs get."""
+    plain = small_model()
+    fast = fuse_projections(copy.deepcopy(plain), fp16=True)
+    big = torch.randint(0, 512, (20, 60))  # 1,200 rows
+    assert big.numel() > fp16_weights.MAX_ROWS
+    with torch.no_grad():
+        want, got = plain(big), fast(big)
+        small_got, small_want = fast(big[:2]), plain(big[:2])
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert (small_got - small_want).abs().max() > 10 * (got[:2] - want[:2]).abs().max()  # fp16 below it

@@ -150,9 +150,12 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
         entry["config"]["data"] = {"predictions": str(preds_file),
                                    "sha256": hashlib.sha256(Path(preds_file).read_bytes()).hexdigest()[:16]}
     else:
-        engine = Engine.load(model, cfg.run_dir, EngineOptions(dtype=cfg.generate.dtype, quantize=cfg.generate.quantize))
+        quantize = cfg.generate.quantize
+        if not gen_metrics and quantize in (None, "auto"):
+            quantize = "none"  # perplexity alone never decodes: fp16 weights would only cost their packing
+        engine = Engine.load(model, cfg.run_dir, EngineOptions(dtype=cfg.generate.dtype, quantize=quantize))
         entry["model"] = str(engine.source)
-        entry["config"]["quantize"] = cfg.generate.quantize
+        entry["config"]["quantize"] = quantize
         entry["config"]["engine"] = engine.describe()
         ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters; {engine.describe()})")
         if "ppl" in metrics:

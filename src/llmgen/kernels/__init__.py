@@ -70,6 +70,8 @@ def fuse_projections(model: Transformer, fp16: bool = False) -> Transformer:
         for parent, name in ((a, "wo"), (m, "w2")) + (() if m.gated else ((m, "w1"),)):
             setattr(parent, name, swap(getattr(parent, name)))
     model.lm_head = swap(model.lm_head)
+    if fp16:
+        fp16_weights.ready()
     return model
 
 

@@ -18,14 +18,16 @@ import copy
 import functools
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from llmgen.kernels.cpu_matmul import decode_layout, linear
 
-_packed: list = []  # FBGEMM packed weights, by handle
+_packed: list = []  # FBGEMM packed weights (or the Future of one being packed), by handle
 
 
 def available() -> bool:
@@ -40,10 +42,14 @@ def _free(handle: int) -> None:
 
 def _product(x: torch.Tensor, handle: int, out: int) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    return torch.ops.quantized.linear_dynamic_fp16(x2.contiguous(), _packed[handle]).view(*x.shape[:-1], out)
+    packed = _packed[handle]
+    if isinstance(packed, Future):
+        packed = _packed[handle] = packed.result()
+    return torch.ops.quantized.linear_dynamic_fp16(x2.contiguous(), packed).view(*x.shape[:-1], out)
 
 
 _lib: Optional[torch.library.Library] = None
+_pool: Optional[ThreadPoolExecutor] = None
 
 
 def pack(w: torch.Tensor, b: Optional[torch.Tensor], owner: object) -> int:
@@ -55,10 +61,31 @@ def pack(w: torch.Tensor, b: Optional[torch.Tensor], owner: object) -> int:
         _lib.define("fp16_linear(Tensor x, int handle, int out) -> Tensor")
         _lib.impl("fp16_linear", _product, "CPU")
         _lib.impl("fp16_linear", lambda x, handle, out: x.new_empty(*x.shape[:-1], out), "Meta")
-    _packed.append(torch.ops.quantized.linear_prepack_fp16(w.detach().float().contiguous(),
-                                                           None if b is None else b.detach().float()))
+    global _pool
+    if _pool is None:  # packing converts every weight once (~1 s for 135M parameters on one core); the op
+        # lets go of the GIL, so the cores pack in parallel
+        _pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="llmgen-pack")
+    _packed.append(_pool.submit(torch.ops.quantized.linear_prepack_fp16, w.detach().float().contiguous(),
+                                None if b is None else b.detach().float()))
     weakref.finalize(owner, _free, len(_packed) - 1)
     return len(_packed) - 1
+
+
+def ready() -> None:
+    """Wait for the packs under way (a packing error surfaces here)."""
+    for i, p in enumerate(_packed):
+        if isinstance(p, Future):
+            _packed[i] = p.result()
+
+
+MAX_ROWS = 1024  # above this many rows FBGEMM's fp16 product is no faster than fp32 (0.86-1.09x, measured)
+
+
+def decoding(x: torch.Tensor) -> bool:
+    """Whether x (..., in) is a decoding-sized input (decode steps, prefill chunks of up to 512 tokens) for
+    the fp16 pack; larger ones (perplexity batches) use the fp32 weights the layer keeps, so evaluation
+    scores the model's own weights and generation never mixes the two paths."""
+    return x.numel() <= MAX_ROWS * x.shape[-1]
 
 
 def fp16_linear(x: torch.Tensor, handle: int, out: int) -> torch.Tensor:
@@ -96,6 +123,8 @@ class Fp16Linear(nn.Linear):
     made_from: int  # the data_ptr of the weight packed (kernels.stale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not decoding(x):  # a perplexity batch: the model's own weights, as fast there and exact
+            return F.linear(x, self.weight, self.bias)
         return fp16_linear(x, self.handle, self.out_features)
 
     def __deepcopy__(self, memo) -> "Fp16Linear":

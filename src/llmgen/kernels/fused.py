@@ -22,7 +22,8 @@ class FusedLinear:
 
     def __init__(self, layers: Sequence[nn.Linear], fp16: bool = False):
         self.sizes = [m.out_features for m in layers]
-        self.weight = decode_layout(torch.cat([m.weight.detach() for m in layers]))
+        joined = torch.cat([m.weight.detach() for m in layers])
+        self.weight = joined if fp16 else decode_layout(joined)  # the column-major layout serves the fp32 split
         self.bias: Optional[torch.Tensor] = None
         if layers[0].bias is not None:
             self.bias = torch.cat([m.bias.detach() for m in layers])
@@ -39,7 +40,7 @@ class FusedLinear:
         return fp16_weights.repacked(self, memo)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.handle is not None:
+        if self.handle is not None and fp16_weights.decoding(x):
             return fp16_weights.fp16_linear(x, self.handle, sum(self.sizes)).split(self.sizes, dim=-1)
         return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
