@@ -12,6 +12,9 @@ from llmgen.data.chat_format import PromptFormat, render_chat_template
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.generate import sampling as S
 from llmgen.generate.engine import Engine, GenerationStats
+from llmgen.errors import LlmgenError
+from llmgen.generate.scheduler import IncrementalDecoder
+from llmgen.kernels import cpu_matmul, fp16_weights
 from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
 
@@ -145,8 +148,6 @@ def test_seeded_sampling_is_reproducible_and_streaming_matches(engine):
 
 
 def test_streaming_handles_multibyte_utf8():
-    from llmgen.generate.scheduler import IncrementalDecoder
-
     tok = bytes_tokenizer()
     dec = IncrementalDecoder(tok)
     text = "héllo — ünïcode ✓"
@@ -156,8 +157,6 @@ def test_streaming_handles_multibyte_utf8():
 
 
 def test_long_prompt_refused_or_truncated(engine):
-    from llmgen.errors import LlmgenError
-
     long = "x" * 200
     with pytest.raises(LlmgenError, match="context is 96"):
         engine.generate([long], GREEDY)
@@ -251,8 +250,6 @@ def test_compiled_step_runs_split_product_as_one_operator(monkeypatch):
     llmgen::split_linear operator (so inductor keeps BLAS calls); its tokens equal the eager engine's."""
     import copy
 
-    from llmgen.kernels import cpu_matmul
-
     if torch.get_num_threads() < 2:
         pytest.skip("the split needs 2 threads")
     monkeypatch.setattr(cpu_matmul, "split_pays", lambda: True)
@@ -293,8 +290,6 @@ def test_compiled_decode_step_matches_eager(quantize):
     import copy
 
     from torch._dynamo.utils import counters
-
-    from llmgen.kernels import fp16_weights
 
     if quantize == "fp16" and not fp16_weights.available():
         pytest.skip("no FBGEMM fp16 product in this torch build")

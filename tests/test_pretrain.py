@@ -11,10 +11,14 @@ import torch
 
 from llmgen.config import load_config
 from llmgen.data.prepare import prepare
+from llmgen.data.shards import TokenShards, WindowSampler
 from llmgen.errors import LlmgenError
 from llmgen.interop.load import load_model
 from llmgen.model.checkpoint import list_checkpoints, load_weights, read_model_config
 from llmgen.model.transformer import Transformer
+from llmgen.train import logging as runlog
+from llmgen.train import loop
+from llmgen.train.loop import TrainJob, train
 from llmgen.train.optim import lr_at
 from llmgen.train.pretrain import pretrain
 
@@ -114,12 +118,7 @@ def test_nonfinite_loss_stops_without_checkpoint(prepared, tmp_path):
 def test_skip_nonfinite_counts_and_keeps_weights_finite(prepared, tmp_path, monkeypatch, on_device):
     """A batch whose loss is NaN is skipped (no update) and counted, with train.skip_nonfinite; the same
     when the fused optimizer skips it on the device and the loop reads that later (GPU runs)."""
-    import llmgen.train.loop as loop
-
     monkeypatch.setattr(loop, "defer_nonfinite_check", lambda acc, opt: on_device)
-    from llmgen.data.shards import TokenShards
-    from llmgen.data.shards import WindowSampler
-    from llmgen.train.loop import TrainJob, train
 
     class Poisoned(Transformer):
         def forward(self, idx, **kw):
@@ -244,8 +243,6 @@ def test_two_process_fsdp_resume_matches_uninterrupted(prepared, tmp_path):
 def test_loss_chart_is_redrawn_at_most_every_30_s(tmp_path, monkeypatch):
     """loss.png: drawing it costs ~0.2 s, so evaluations redraw it only when the last chart is
     PLOT_EVERY_S old; the end of a run (`force`) always draws the latest curve."""
-    from llmgen.train import logging as runlog
-
     clock = [1000.0]
     monkeypatch.setattr(runlog.time, "monotonic", lambda: clock[0])
     log = runlog.RunLog(tmp_path)

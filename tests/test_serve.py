@@ -25,9 +25,10 @@ except ImportError:
     import httpx2 as httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
-from llmgen.config import GenerateConfig, ModelConfig, ServeConfig, load_persona  # noqa: E402
+from llmgen.config import EngineOptions, GenerateConfig, ModelConfig, ServeConfig, load_persona  # noqa: E402
 from llmgen.data.tokenizer import train_bpe  # noqa: E402
-from llmgen.generate.engine import Engine  # noqa: E402
+from llmgen.generate.engine import Engine, GenerationStats  # noqa: E402
+from llmgen.generate.scheduler import Request  # noqa: E402
 from llmgen.model.checkpoint import save_checkpoint  # noqa: E402
 from llmgen.model.transformer import Transformer  # noqa: E402
 from llmgen.serve.app import create_app  # noqa: E402
@@ -291,8 +292,6 @@ def test_compiled_server_compiles_before_its_first_request(ckpt):
     (warm_up), for its own cache size: the first user's request then runs the compiled step without compiling, also once its
     tokens need more than the first 256 slots (the slot count is dynamic), and its greedy tokens equal
     the eager engine's."""
-    from llmgen.config import EngineOptions
-
     eager = Engine.load(str(ckpt))
     compiled = Engine.load(str(ckpt), options=EngineOptions(compile=True))
     app = create_app(compiled, "tiny", ServeConfig(max_len=1024), GenerateConfig(max_new_tokens=16))
@@ -302,9 +301,6 @@ def test_compiled_server_compiles_before_its_first_request(ckpt):
     step = compiled._compiled
     compiled._compiled = lambda *a: calls.append(1) or step(*a)
     p = GenerateConfig(max_new_tokens=300, temperature=0.0, ignore_eos=True)  # past 256 slots: a bigger view
-    from llmgen.generate.engine import GenerationStats
-    from llmgen.generate.scheduler import Request
-
     req = Request(compiled.tok.encode("The quick"), p, set(), [])
     stats = GenerationStats()
     server.scheduler.stats = stats

@@ -426,7 +426,6 @@ def export(
         raise LlmgenError(f"--format {format!r} is not supported; use --format hf or --format gguf")
     cfg = load_config(config, [])
     if format == "gguf":
-        from llmgen.config import load_persona
         from llmgen.interop.gguf_export import export_gguf  # per command, so --help starts in a blink
 
         if outtype is None:
