@@ -285,39 +285,46 @@ class Scheduler:
     def _compiled_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One row alone: the engine's compiled decode step over its row. A short row (generate sizes it
         for its requests) is taken whole, a fixed shape; of a long one (a server's), only the slots its
-        tokens need, rounded up to a multiple of 256, as a dynamic dimension (attending over all of a
-        long row would make every step cost what the longest request costs): one graph either way."""
+        tokens need (`_slots`), as a dynamic dimension (attending over all of a long row would make every
+        step cost what the longest request costs): one graph either way."""
         eng = self.engine
-        shape = (1, self.max_len)
-        t1, new = time.perf_counter(), shape not in eng._compiled_shapes
-        size = self.max_len if self.max_len <= 512 else min(self.max_len, (int(pos[0]) // 256 + 1) * 256)
-        row = KVCache([k[0:1, :, :size] for k in self.cache.k], [v[0:1, :, :size] for v in self.cache.v])
+        long_row = self.max_len > 512
+        size = self._slots(pos) if long_row else self.max_len
+        row = self._view(1, size, dynamic_rows=False, dynamic_slots=long_row)
         valid = torch.ones(1, size, dtype=torch.bool, device=eng.device)
-        if self.max_len > 512:
-            for t in (*row.k, *row.v):
-                torch._dynamo.mark_dynamic(t, 2)  # (1, n_kv_head, slots, head_size)
+        if long_row:
             torch._dynamo.mark_dynamic(valid, 1)
-        logits = eng._compiled(tok, row, pos, valid, torch.zeros(1, dtype=torch.long, device=eng.device))
-        if new:
-            eng._compiled_shapes.add(shape)
-            self.stats.compile_s += time.perf_counter() - t1
-            self.stats.decode_s -= time.perf_counter() - t1
-        return logits
+        return self._timed((1, self.max_len), eng._compiled, tok, row, pos, valid,
+                           torch.zeros(1, dtype=torch.long, device=eng.device))
 
     def _compiled_rows(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Several rows: the engine's compiled step over the decoding rows and the slots they use
-        (rounded up to a multiple of 256), both dynamic dimensions: one graph for every batch."""
-        eng, D = self.engine, tok.shape[0]
-        shape = ("rows", self.max_len)
-        t1, new = time.perf_counter(), shape not in eng._compiled_shapes
-        size = min(self.max_len, (int(pos.max()) // 256 + 1) * 256)
-        rows = KVCache([k[:D, :, :size] for k in self.cache.k], [v[:D, :, :size] for v in self.cache.v])
-        for t in (*rows.k, *rows.v):  # (rows, n_kv_head, slots, head_size)
-            torch._dynamo.mark_dynamic(t, 0)
-            torch._dynamo.mark_dynamic(t, 2)
+        """Several rows: the engine's compiled step over the decoding rows and the slots they use, both
+        dynamic dimensions: one graph for every batch."""
+        rows = self._view(tok.shape[0], self._slots(pos), dynamic_rows=True, dynamic_slots=True)
         torch._dynamo.mark_dynamic(tok, 0)
         torch._dynamo.mark_dynamic(pos, 0)
-        logits = eng._compiled_rows(tok, rows, pos)
+        return self._timed(("rows", self.max_len), self.engine._compiled_rows, tok, rows, pos)
+
+    def _slots(self, pos: torch.Tensor) -> int:
+        """How many slots the rows at positions `pos` attend over: up to the furthest, rounded up to a
+        multiple of 256 (few sizes; a dynamic dimension in the compiled steps)."""
+        return min(self.max_len, (int(pos.max()) // 256 + 1) * 256)
+
+    def _view(self, rows: int, slots: int, dynamic_rows: bool, dynamic_slots: bool) -> KVCache:
+        """The cache's first `rows` rows and `slots` slots, marked as dynamic dimensions where asked."""
+        view = KVCache([k[:rows, :, :slots] for k in self.cache.k], [v[:rows, :, :slots] for v in self.cache.v])
+        for t in (*view.k, *view.v):  # (rows, n_kv_head, slots, head_size)
+            if dynamic_rows:
+                torch._dynamo.mark_dynamic(t, 0)
+            if dynamic_slots:
+                torch._dynamo.mark_dynamic(t, 2)
+        return view
+
+    def _timed(self, shape: tuple, step: Callable, *args) -> torch.Tensor:
+        """Run a compiled step; its first call for `shape` compiles, and that time goes to compile_s."""
+        eng = self.engine
+        t1, new = time.perf_counter(), shape not in eng._compiled_shapes
+        logits = step(*args)
         if new:
             eng._compiled_shapes.add(shape)
             self.stats.compile_s += time.perf_counter() - t1

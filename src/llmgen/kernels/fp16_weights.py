@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from llmgen.kernels.cpu_matmul import decode_layout, linear
 
 _packed: list = []  # FBGEMM packed weights (or the Future of one being packed), by handle
+_lib: Optional[torch.library.Library] = None  # defines llmgen::fp16_linear on first use
+_pool: Optional[ThreadPoolExecutor] = None  # packs on every core
 
 
 def available() -> bool:
@@ -48,20 +50,15 @@ def _product(x: torch.Tensor, handle: int, out: int) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x2.contiguous(), packed).view(*x.shape[:-1], out)
 
 
-_lib: Optional[torch.library.Library] = None
-_pool: Optional[ThreadPoolExecutor] = None
-
-
 def pack(w: torch.Tensor, b: Optional[torch.Tensor], owner: object) -> int:
     """Pack a fp32 (out, in) weight (and bias) in FBGEMM's fp16 layout, kept while `owner` lives; its
     handle for `fp16_linear`."""
-    global _lib
+    global _lib, _pool
     if _lib is None:  # the operator is defined on first use, not at import; a plain dispatcher
         _lib = torch.library.Library("llmgen", "FRAGMENT")  # kernel: ~7 us a call (custom_op: ~30)
         _lib.define("fp16_linear(Tensor x, int handle, int out) -> Tensor")
         _lib.impl("fp16_linear", _product, "CPU")
         _lib.impl("fp16_linear", lambda x, handle, out: x.new_empty(*x.shape[:-1], out), "Meta")
-    global _pool
     if _pool is None:  # packing converts every weight once (~1 s for 135M parameters on one core); the op
         # lets go of the GIL, so the cores pack in parallel
         _pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="llmgen-pack")
