@@ -82,8 +82,9 @@ def use_fp16_weights(model: Transformer, quantize: Optional[str]) -> tuple[bool,
     fits = p.device.type == "cpu" and p.dtype == torch.float32 and fp16_weights.available()
     if quantize == "fp16":
         if not fits:
+            fix = "add --dtype fp32" if p.device.type == "cpu" else "use --dtype fp16 on a GPU"
             raise LlmgenError(f"--quantize fp16 is a CPU path for fp32 models (FBGEMM's fp16 product); this model is "
-                              f"{str(p.dtype).replace('torch.', '')} on {p.device.type}: use --dtype fp16 there instead")
+                              f"{str(p.dtype).replace('torch.', '')} on {p.device.type}: {fix}, or drop --quantize fp16")
         return True, "fp16 weights (FBGEMM), as asked"
     if quantize == "none" or not fits:
         return False, ""
