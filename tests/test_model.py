@@ -153,3 +153,43 @@ def test_ffn_hidden():
     assert cfg.ffn_hidden == 1024
     assert dataclasses.replace(cfg, arch="gpt2").ffn_hidden == 4 * 384
     assert dataclasses.replace(cfg, d_ff=100).ffn_hidden == 100
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_build_model_takes_the_files_tensors_and_restores_init(tmp_path, tied):
+    from safetensors.torch import save_model
+
+    from llmgen.model.checkpoint import build_model
+
+    m = make(tie_embeddings=tied)
+    save_model(m, str(tmp_path / "model.safetensors"))
+    init = torch.nn.init.normal_
+    loaded = build_model(tmp_path, m.cfg).eval()
+    assert torch.nn.init.normal_ is init  # on_meta put torch's initialisers back
+    assert (loaded.lm_head.weight is loaded.tok_emb.weight) == tied
+    assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
+    for (name, a), b in zip(m.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(m(idx), loaded(idx))
+    with torch.no_grad():  # the parameters are ordinary writable tensors
+        loaded.tok_emb.weight.add_(1.0)
+    assert torch.equal(build_model(tmp_path, m.cfg).tok_emb.weight, m.tok_emb.weight)
+
+
+def test_loading_a_checkpoint_does_not_import_the_compiler(tmp_path):
+    # ~1 s of every inference command's start-up: building on meta used to run torch.nn.init there
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_model
+
+    m = make()
+    save_model(m, str(tmp_path / "model.safetensors"))
+    code = ("import sys, dataclasses; from llmgen.config import build_config; "
+            "from llmgen.model.checkpoint import build_model; "
+            f"cfg = dataclasses.replace(build_config({{'model': {{'preset': 'tiny'}}}}).model, vocab_size=97, max_seq_len=64); "
+            f"build_model(__import__('pathlib').Path({str(tmp_path)!r}), cfg); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmgen.kernels.cpu_matmul import decode_layout, linear
+from llmgen.model.transformer import on_meta
 
 _packed: list = []  # FBGEMM packed weights (or the Future of one being packed), by handle
 _lib: Optional[torch.library.Library] = None  # defines llmgen::fp16_linear on first use
@@ -130,7 +131,8 @@ class Fp16Linear(nn.Linear):
     @classmethod
     def wrap(cls, layer: nn.Linear) -> "Fp16Linear":
         """An Fp16Linear sharing `layer`'s parameters (tied weights stay tied), packed now."""
-        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        with on_meta():
+            new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
         new.weight, new.bias = layer.weight, layer.bias
         new.handle = pack(layer.weight, layer.bias, new)
         new.made_from = layer.weight.data_ptr()

@@ -19,13 +19,14 @@ from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model
 
 from llmgen.atomic import atomic_dir
 from llmgen.config import ModelConfig, to_dataclass
 from llmgen.errors import LlmgenError
-from llmgen.model.transformer import Transformer
+from llmgen.model.transformer import Transformer, on_meta
 from llmgen.version import __version__
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -116,12 +117,32 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
                           f"config.json describes needs {wanted[k]}; the weights are readable, so config.json was "
                           f"probably edited: restore it")
     try:
-        missing, unexpected = _st_load_model(model, str(path), strict=False)
+        if next(model.parameters()).is_meta:  # a model built without memory: take the file's tensors as they are
+            missing, unexpected = _assign(model, load_file(str(path)))
+        else:
+            missing, unexpected = _st_load_model(model, str(path), strict=False)
     except Exception as e:
         raise LlmgenError(f"{path}: cannot be read as safetensors ({_one_line(e)}); the file is damaged") from None
     if missing or unexpected:
         raise LlmgenError(f"{path} and config.json disagree: weights missing {list(missing)[:3]}, unexpected "
                           f"{list(unexpected)[:3]}; restore the checkpoint's config.json")
+
+
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load `state` into a meta-device model by taking its tensors (no copy). A file holds one name of
+    each group of shared weights (tied embeddings): the other names are pointed at the loaded tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    for names in groups.values():
+        loaded = [n for n in names if n in state]
+        for name in names if loaded else ():
+            if name not in state:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, model.get_parameter(loaded[0]))
+                missing.remove(name)
+    return missing, unexpected
 
 
 def load_state(folder: Path) -> dict[str, Any]:
@@ -178,11 +199,8 @@ def newest_checkpoint(root: Path) -> Optional[Path]:
 def build_model(folder: Path, cfg: Optional[ModelConfig] = None) -> Transformer:
     """The network of a full checkpoint folder, its weights loaded (no memory spent on a random init)."""
     cfg = cfg or read_model_config(folder)[0]
-    with torch.device("meta"):
+    with on_meta():
         model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
-        model.lm_head.weight = model.tok_emb.weight
+    load_weights(model, folder)  # the file's tensors become the parameters
     model.reset_rope()  # non-persistent buffers are not in the file
-    load_weights(model, folder)
     return model

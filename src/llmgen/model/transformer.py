@@ -14,8 +14,9 @@ token with its position. Speed paths (fused projections, CPU decode matmuls, int
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,26 @@ from llmgen.config import ModelConfig
 from llmgen.model.kv_cache import KVCache
 
 Rope = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+          "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers (their weights are loaded or
+    shared afterwards). On meta tensors `torch.nn.init.normal_` takes torch's reference path, whose first
+    call imports the compiler: ~1 s of every inference command's start-up, for nothing."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 class RMSNorm(nn.Module):
@@ -45,11 +66,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 def rope_tables(head_size: int, max_len: int, theta: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_len, hs) for rotary embeddings in the rotate-half layout (HF Llama's), which
     rotates the pairs (i, i + hs/2). The sin table's first half is negated so that `apply_rope` needs
-    only a roll. `scale` > 1 is linear position interpolation."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32) / scale, inv_freq)  # (L, hs/2)
+    only a roll. `scale` > 1 is linear position interpolation. Made on the CPU whatever the default device."""
+    cpu = torch.device("cpu")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=cpu) / head_size))  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device=cpu) / scale, inv_freq)  # (L, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, hs)
-    sign = torch.cat([-torch.ones(head_size // 2), torch.ones(head_size // 2)])
+    sign = torch.cat([-torch.ones(head_size // 2, device=cpu), torch.ones(head_size // 2, device=cpu)])
     return angles.cos(), angles.sin() * sign
 
 
@@ -168,7 +190,8 @@ class Transformer(nn.Module):
         c = self.cfg
         if c.positions == "rope":
             cos, sin = rope_tables(c.head_size, c.max_seq_len, c.rope_theta, c.rope_scaling_factor)
-            self.rope_cos, self.rope_sin = cos, sin
+            where = self.tok_emb.weight.device
+            self.rope_cos, self.rope_sin = cos.to(where), sin.to(where)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
