@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLMGEN_SHARED_DATA", REPO.parent / "shared" / "data"))
+# the compile-plan timings this machine's runs record (generate.compile auto): the tests' own, so a
+# record left by earlier runs never changes what a test does
+os.environ["LLMGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmgen-test-cache-")
 
 
 def shared_file(name: str) -> Path:

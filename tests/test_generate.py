@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from llmgen.config import EngineOptions, GenerateConfig, ModelConfig
 from llmgen.data.chat_format import PromptFormat, render_chat_template
 from llmgen.data.tokenizer import bytes_tokenizer
+from llmgen.generate import compile_plan
 from llmgen.generate import sampling as S
 from llmgen.generate.engine import Engine, GenerationStats
 from llmgen.errors import LlmgenError
@@ -312,3 +314,53 @@ def test_compiled_decode_step_matches_eager(quantize):
     # later calls reuse them, also for another row count
     assert compiles[0] > 0 and compiles[2] == 0, compiles
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compile_plan_break_even_from_recorded_timings(tmp_path, monkeypatch):
+    """generate.compile auto decides from this machine's timings: compile seconds over the per-step gain,
+    apart for short and long rows; nothing known, or a broken record, means no estimate."""
+    monkeypatch.setenv("LLMGEN_CACHE_DIR", str(tmp_path))
+    k = "some model"
+    assert compile_plan.pays_after(k, long=False) is None
+    compile_plan.note(k, long=False, compiled=False, steps=100, seconds=2.0, compile_s=0.0)  # eager 20 ms a step
+    assert compile_plan.pays_after(k, long=False) is None  # the compiled step is not timed yet
+    compile_plan.note(k, long=False, compiled=True, steps=100, seconds=1.5, compile_s=6.0)  # 15 ms, 6 s to compile
+    assert compile_plan.pays_after(k, long=False) == 1200  # 6 s / 5 ms
+    assert compile_plan.pays_after(k, long=True) is None  # long rows have their own graph and timings
+    compile_plan.note(k, long=False, compiled=True, steps=4, seconds=9.0, compile_s=3.0)  # too few steps to time
+    assert compile_plan.pays_after(k, long=False) == 600  # only the newer compile time counts
+    compile_plan.note(k, long=True, compiled=False, steps=50, seconds=1.0, compile_s=0.0)
+    compile_plan.note(k, long=True, compiled=True, steps=50, seconds=1.1, compile_s=5.0)
+    assert compile_plan.pays_after(k, long=True) == sys.maxsize  # compiled measured slower: never
+    (tmp_path / "compile.json").write_text("{not json")
+    assert compile_plan.pays_after(k, long=False) is None
+
+
+def test_engine_plans_compiling_for_the_work_ahead(tmp_path, monkeypatch):
+    """compile auto: one short answer stays eager, long work compiles; the reason is in the one-line
+    summary; explicit settings stand; every generation records its step time for the next decision."""
+    monkeypatch.setenv("LLMGEN_CACHE_DIR", str(tmp_path))
+    auto = Engine(tiny_model(), bytes_tokenizer(), options=EngineOptions(device="cpu", quantize="none"))
+    auto.plan(100, "one prompt")
+    assert not auto.compiling and "eager decode step (auto: one prompt ~100 steps" in auto.describe()
+    auto.generate(["Hello"], GenerateConfig(max_new_tokens=20, temperature=0.0, ignore_eos=True))
+    record = json.loads((tmp_path / "compile.json").read_text())
+    assert list(record) == [auto.plan_key] and record[auto.plan_key]["short"]["eager_ms"] > 0
+    auto.plan(compile_plan.PRIOR_STEPS, "a file")  # nothing compiled timed yet: the prior decides
+    assert auto.compiling and "compiled decode step (auto: a file" in auto.describe()
+    compile_plan.note(auto.plan_key, long=False, compiled=False, steps=100, seconds=2.0, compile_s=0.0)  # 20 ms
+    compile_plan.note(auto.plan_key, long=False, compiled=True, steps=100, seconds=1.0, compile_s=1.0)  # 10 ms
+    measured = Engine(tiny_model(), bytes_tokenizer(), options=EngineOptions(device="cpu", quantize="none"))
+    measured.plan(99, "one prompt")  # 1 s of compiling at 10 ms saved a step: 100 steps
+    assert not measured.compiling and "pays after 100 steps, measured here" in measured.describe()
+    measured.plan(100, "one prompt")
+    assert measured.compiling
+    never = Engine(tiny_model(), bytes_tokenizer(), options=EngineOptions(device="cpu", compile=False))
+    never.plan(10**6, "a file")
+    assert not never.compiling and "decode step" not in never.describe()
+
+
+def test_generate_cli_reports_the_compile_plan(cli, ckpt):
+    code, out, err = cli("generate", "Hello", "--model", str(ckpt), "-n", "5", "--json")
+    assert code == 0, err
+    assert "eager decode step (auto: one prompt ~5 steps" in json.loads(out)["engine"]

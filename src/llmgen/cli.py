@@ -218,7 +218,7 @@ def generate_flags(command: Callable) -> Callable:
     generated = []
     for f in dataclasses.fields(GenerateConfig):
         name = "--" + f.name.replace("_", "-")
-        decls = [f"{name}/--no-{name[2:]}"] if hints[f.name] is bool else [name]
+        decls = [f"{name}/--no-{name[2:]}"] if _flag_type(hints[f.name]) is bool else [name]
         if f.metadata.get("short"):
             decls.append(f.metadata["short"])
         option = typer.Option(*decls, help=f.metadata.get("help"), rich_help_panel="Generation (generate.* keys)")
@@ -256,7 +256,7 @@ def generate(
     if cfg is None:
         return
     from llmgen.generate.engine import Engine  # the library (torch, transformers): imported per command, so --help starts in a blink
-    from llmgen.generate.files import generate_file
+    from llmgen.generate.files import generate_file, read_prompts
 
     p = cfg.generate.merged(**flags)
     if (input_file is None) == (prompt is None):
@@ -264,6 +264,12 @@ def generate(
     if input_file is not None and output_file is None:
         raise LlmgenError("--input-file needs --output-file OUT.jsonl for the results")
     engine = Engine.load(model, cfg.run_dir, p.engine_options())
+    rows = p.num_return_sequences  # decoded side by side (beam search decodes eagerly)
+    if input_file is not None:
+        n = len(read_prompts(input_file))
+        engine.plan(-(-n * rows // batch_size) * p.max_new_tokens, f"{n} prompts")
+    elif p.num_beams == 1:
+        engine.plan(p.max_new_tokens, "one prompt")
     ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters; {engine.describe()})")
     if input_file is not None:
         new, old = generate_file(engine, input_file, output_file, p, batch_size, system)
@@ -322,7 +328,14 @@ def chat(
         system = system or who.system
         ui.info(f"persona {who.name}: {who.description or who.system[:60]}")
     p = gen.merged(**flags)
-    session = ChatSession(Engine.load(model, cfg.run_dir, p.engine_options()), p, system)
+    engine = Engine.load(model, cfg.run_dir, p.engine_options())
+    engine.plan(engine.cfg.max_seq_len // 2, "a chat session", long=True)  # a session filling half its context
+    ui.info(f"model: {engine.source} ({engine.n_params / 1e6:.1f}M parameters; {engine.describe()})")
+    session = ChatSession(engine, p, system)
+    if engine.compiling:
+        ui.info("compiling the decode step for this session (the first time a minute or two; seconds from "
+                "inductor's on-disk cache after that)")
+        ui.info(f"compiled in {engine.warm_up(session=True):.1f}s")
 
     def read(prompt: str) -> str:
         return input(prompt) if sys.stdin.isatty() else _read_line(prompt)
@@ -379,7 +392,7 @@ def serve(
     engine = Engine.load(model, cfg.run_dir, cfg.generate.engine_options())
     name = Path(engine.source).parent.name if Path(engine.source).name == "final" else Path(engine.source).name
     application = create_app(engine, name, sc, cfg.generate, personas)
-    if engine._compiled is not None:
+    if engine.compiling:
         ui.info("compiling the decode steps before serving (the first time a minute or two; seconds from "
                 "inductor's on-disk cache after that)")
         ui.info(f"compiled in {application.state.server.warm_up():.1f}s")

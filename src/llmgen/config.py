@@ -239,7 +239,9 @@ class EngineOptions:
     # decoding weights: auto (null) = fp16 through FBGEMM where measured faster (fp32 models on x86 CPUs), else
     # the model's own; none = the model's own; fp16; int8 weight-only (4x less memory; slow on most CPUs)
     quantize: Optional[Literal["auto", "none", "fp16", "int8"]] = None
-    compile: bool = False  # torch.compile the decode step (the first generation pays the compile time)
+    # torch.compile the decode step: True, False, or None = auto: where it pays for the work ahead on this
+    # machine (Engine.plan, generate/compile_plan.py). The first call of a graph pays its compile time.
+    compile: Optional[bool] = None
 
 
 @dataclass
@@ -253,7 +255,9 @@ class GenerateConfig(SamplingParams):
     quantize: Optional[Literal["auto", "none", "fp16", "int8"]] = field(default=None, metadata=_flag(
         "Decoding weights: auto (default) = fp16 where this CPU runs them clearly faster than fp32 (measured), "
         "none = the model's own, fp16, int8 (weight-only)."))
-    compile: bool = field(default=False, metadata=_flag("torch.compile the decode step."))
+    compile: Optional[bool] = field(default=None, metadata=_flag(
+        "torch.compile the decode step. Default (null): where it pays on this machine for the work asked (long "
+        "generations, files of prompts, chat sessions; not one short answer), from timings it records."))
 
     def engine_options(self, device: Optional[str] = None) -> EngineOptions:
         return EngineOptions(device=device, dtype=self.dtype, quantize=self.quantize, compile=self.compile)

@@ -153,7 +153,8 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
         quantize = cfg.generate.quantize
         if not gen_metrics and quantize in (None, "auto"):
             quantize = "none"  # perplexity alone never decodes: fp16 weights would only cost their packing
-        engine = Engine.load(model, cfg.run_dir, EngineOptions(dtype=cfg.generate.dtype, quantize=quantize))
+        engine = Engine.load(model, cfg.run_dir, EngineOptions(dtype=cfg.generate.dtype, quantize=quantize,
+                                                                    compile=cfg.generate.compile))
         entry["model"] = str(engine.source)
         entry["config"]["quantize"] = quantize
         entry["config"]["engine"] = engine.describe()
@@ -182,6 +183,10 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
                                     temperature=cfg.generate.temperature if cfg.eval.sample else 0.0,
                                     seed=cfg.eval.seed)
             preds, refs, prompts = [], [r for _, r in pairs], [m[-1]["content"] for m, _ in pairs]
+            engine.plan(-(-len(pairs) // cfg.eval.batch_size) * p.max_new_tokens, f"{len(pairs)} predictions")
+            if engine.compile_why:
+                entry["config"]["engine"] = engine.describe()
+                ui.info(f"decode step: {'compiled' if engine.compiling else 'eager'} ({engine.compile_why})")
             t0 = time.perf_counter()
             with ui.progress("predict", len(pairs), unit="examples") as bar:
                 for i in range(0, len(pairs), cfg.eval.batch_size):

@@ -46,7 +46,7 @@ class ChatSession:
         self._fit()
         p = self.params
         pieces = []
-        for piece in self.engine.stream(self.messages(), p):
+        for piece in self.engine.stream(self.messages(), p, session=True):
             pieces.append(piece)
             yield piece
         self.history.append({"role": "assistant", "content": "".join(pieces)})

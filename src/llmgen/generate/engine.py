@@ -17,6 +17,8 @@ keeps `num_beams` rows in a cache of its own and reorders it in place.
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 import types
 from typing import Callable, Iterator, Optional, Union
@@ -27,11 +29,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from llmgen.config import EngineOptions, SamplingParams
 from llmgen.data.chat_format import Messages, PromptFormat
 from llmgen.errors import LlmgenError
+from llmgen.generate import compile_plan
 from llmgen.generate import sampling as S
 from llmgen.interop.load import load_model
 from llmgen.kernels import prepare_for_inference
 from llmgen.kernels.precision import choose_dtype, dtype_name
-from llmgen.generate.scheduler import (Completion, GenerationStats, Request, Scheduler,
+from llmgen.generate.scheduler import (SHORT_ROW, Completion, GenerationStats, Request, Scheduler,
                                        first_stop)
 from llmgen.model.kv_cache import KVCache
 from llmgen.model.transformer import Transformer
@@ -94,17 +97,29 @@ class Engine:
             inductor["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         if self.device.type == "cpu":
             inductor["cpp_wrapper"] = True
-        self._compiled = torch.compile(self._own(Engine._step), dynamic=False, options=inductor) if options.compile else None
-        # the step of several rows, each at its own position (continuous batching): row count and slot
-        # count are dynamic dimensions, so one graph serves every batch
-        self._compiled_rows = (torch.compile(self._own(Engine._rows_step), dynamic=False, options=inductor)
-                               if options.compile else None)
+        # (made on first use: importing the compiler costs ~1 s). compile: auto (None) turns them on per
+        # piece of work, where it pays on this machine (`plan`, compile_plan.py)
+        self._inductor = inductor
+        self.compile_mode = options.compile
+        self.compiling = options.compile is True
+        self.compile_why = ""
         self._compiled_shapes: set[tuple[int, int]] = set()  # (batch, cache size) already compiled
         self.dtype = dtype
         self.tok = tokenizer
         self.fmt = fmt
         self.source = source
         self.cfg = model.cfg
+
+    @functools.cached_property
+    def _compiled(self) -> Callable:
+        """The one-row decode step, compiled (`_step`)."""
+        return torch.compile(self._own(Engine._step), dynamic=False, options=self._inductor)
+
+    @functools.cached_property
+    def _compiled_rows(self) -> Callable:
+        """The step of several rows, each at its own position (continuous batching), compiled: row count and
+        slot count are dynamic dimensions, so one graph serves every batch (`_rows_step`)."""
+        return torch.compile(self._own(Engine._rows_step), dynamic=False, options=self._inductor)
 
     def _own(self, method: Callable) -> Callable:
         """`method` bound to this engine with a code object of its own. Dynamo keeps compiled graphs per code
@@ -118,8 +133,48 @@ class Engine:
         """One line on the path this engine decodes with: device, precision and why, kernels."""
         parts = [str(self.device), f"{dtype_name(self.dtype)} ({self.dtype_why})"]
         parts += [self.weights] if self.weights else []
-        parts += ["compiled decode step"] if self._compiled is not None else []
+        why = f" ({self.compile_why})" if self.compile_why else ""
+        parts += [f"compiled decode step{why}"] if self.compiling else [f"eager decode step{why}"] if why else []
         return ", ".join(parts)
+
+    def plan(self, steps: int, what: str, long: Optional[bool] = None) -> None:
+        """With generate.compile auto: use the compiled decode step for the work ahead, about `steps` decode
+        steps of `what` (in rows of more than SHORT_ROW slots: `long`, default when `steps` exceeds it), if
+        compiling pays for it on this machine (compile_plan.py); its reason goes into `describe`. Explicit
+        settings, and a choice already made to compile, stand."""
+        if self.compile_mode is not None or self.compiling:
+            return
+        after = compile_plan.pays_after(self.plan_key, steps > SHORT_ROW if long is None else long)
+        if after is None:
+            after, basis = compile_plan.PRIOR_STEPS, "until timed here"
+        else:
+            basis = "measured here" if after < sys.maxsize else "measured here: compiled no faster"
+        self.compiling = steps >= after
+        pays = f"pays after {after:,} steps" if after < sys.maxsize else "never pays"
+        self.compile_why = f"auto: {what} ~{steps:,} steps; compiling {pays}, {basis}"
+
+    def warm_up(self, session: bool = False) -> float:
+        """Compile the one-row decode step now (a chat session's, with `session`), not in the middle of the
+        first answer; seconds it took (0 when not compiling or already compiled)."""
+        if not self.compiling:
+            return 0.0
+        stream = self.stream("Hi", SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True), session=session)
+        for _ in stream:
+            pass
+        return stream.stats.compile_s
+
+    @functools.cached_property
+    def plan_key(self) -> str:
+        c = self.cfg
+        return compile_plan.key(self.device, self.dtype, self.weights,
+                                f"{c.arch} {c.n_layer}x{c.d_model} {c.n_head}/{c.n_kv} heads vocab {c.vocab_size}")
+
+    def _learn(self, stats: GenerationStats, slots: int) -> None:
+        """Add this generation's timings (one-row decode step, compile) to the record `plan` decides from,
+        for rows of its length class (`slots`: short rows have a graph of their own)."""
+        if self.device.type in ("cpu", "cuda"):
+            compile_plan.note(self.plan_key, slots > SHORT_ROW, self.compiling, stats.single_steps,
+                              stats.single_s, stats.compile_s)
 
     @classmethod
     def load(cls, path: Optional[str] = None, run_dir: str = "runs/quickstart",
@@ -211,10 +266,12 @@ class Engine:
             got.setdefault(q.tag, []).append(q)
             if len(got[q.tag]) == n:
                 yield q.tag, [x.completion for x in sorted(got.pop(q.tag), key=lambda x: x.id)]
+        self._learn(stats, sched.max_len)
 
-    def stream(self, prompt: Prompt, p: SamplingParams, system: Optional[str] = None) -> Stream:
+    def stream(self, prompt: Prompt, p: SamplingParams, system: Optional[str] = None, session: bool = False) -> Stream:
         """Text pieces as they are produced (one prompt, sampling or greedy); see `Stream`. Bad
-        parameters and prompts are refused here, before the first piece."""
+        parameters and prompts are refused here, before the first piece. `session`: one turn of a
+        conversation that grows (compiled, its steps use one graph for every turn's length)."""
         check_params(p)
         if p.num_beams > 1 or p.num_return_sequences > 1:
             raise LlmgenError("streaming prints one sequence; use --no-stream with num_beams or num_return_sequences")
@@ -224,7 +281,7 @@ class Engine:
         def pieces(out: Stream) -> Iterator[str]:
             buf: list[str] = []
             req = Request(ids, p, *stops, seed=p.seed, on_piece=buf.append)
-            sched = self._scheduler([req], 1, out.stats)
+            sched = self._scheduler([req], 1, out.stats, self.cfg.max_seq_len if session else None)
             sched.submit(req)
             while not req.done:
                 sched.step()
@@ -232,6 +289,7 @@ class Engine:
                 buf.clear()
             yield from buf
             out.completion = req.completion
+            self._learn(out.stats, sched.max_len)
 
         return Stream(pieces, GenerationStats())
 
@@ -239,12 +297,14 @@ class Engine:
         """A long-lived scheduler for a server: `max_batch` rows of `max_len` slots (default: the context)."""
         return Scheduler(self, max_batch=max_batch, max_len=max_len)
 
-    def _scheduler(self, reqs: list[Request], max_batch: int, stats: GenerationStats) -> Scheduler:
+    def _scheduler(self, reqs: list[Request], max_batch: int, stats: GenerationStats,
+                   slots: Optional[int] = None) -> Scheduler:
         """A scheduler sized for a known set of requests: rows for as many as may run at once, and slots
-        for the longest (rounded up to a multiple of 256 when compiled, so compiled steps are reused)."""
+        for the longest (rounded up to a multiple of 256 when compiled, so compiled steps are reused), or
+        `slots` when compiled (a chat turn: a long row, whose compiled step attends over the slots in use)."""
         need = max(len(q.ids) + q.params.max_new_tokens for q in reqs)
-        if self._compiled is not None:
-            need = -(-need // 256) * 256
+        if self.compiling:
+            need = max(-(-need // 256) * 256, slots or 0)
         return Scheduler(self, max_batch=max(1, min(len(reqs), max_batch)), max_len=min(need, self.cfg.max_seq_len),
                          stats=stats)
 

@@ -44,6 +44,9 @@ class Completion:
     score: Optional[float] = None  # beam search: length-normalised log-probability
 
 
+SHORT_ROW = 512  # compiled, rows of up to this many slots get a fixed-shape step, longer ones a dynamic one
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -51,6 +54,8 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     compile_s: float = 0.0  # first call of the compiled step for a new shape (not in decode_s)
+    single_steps: int = 0  # decode steps of one row, and their seconds (without compiling; compile_plan)
+    single_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -264,12 +269,12 @@ class Scheduler:
         dev = eng.device
         tok = torch.tensor([q.generated[-1] for q in reqs], device=dev)
         pos = torch.tensor([q.cached for q in reqs], device=dev)  # the slot each row's token goes to
-        t0 = time.perf_counter()
-        if D == 1 and len(self.rows) == 1 and eng._compiled is not None:
+        t0, compiled_before = time.perf_counter(), self.stats.compile_s
+        if D == 1 and len(self.rows) == 1 and eng.compiling:
             logits = self._compiled_step(tok, pos)
         elif D == 1:
             logits = eng._forward(tok[:, None], self._row_view(0), reqs[0].cached)
-        elif eng._compiled_rows is not None:
+        elif eng.compiling:
             logits = self._compiled_rows(tok, pos)
         else:
             seen = int(pos.max()) + 1
@@ -279,6 +284,9 @@ class Scheduler:
         nxt = self._sample(logits, reqs)
         now = time.perf_counter()
         self.stats.decode_s += now - t0
+        if D == 1:
+            self.stats.single_steps += 1
+            self.stats.single_s += now - t0 - (self.stats.compile_s - compiled_before)
         for i in reversed(range(D)):  # from the bottom, so a finished row's replacement is already done
             self._accept(i, nxt[i])
 
@@ -288,7 +296,7 @@ class Scheduler:
         tokens need (`_slots`), as a dynamic dimension (attending over all of a long row would make every
         step cost what the longest request costs): one graph either way."""
         eng = self.engine
-        long_row = self.max_len > 512
+        long_row = self.max_len > SHORT_ROW
         size = self._slots(pos) if long_row else self.max_len
         row = self._view(1, size, dynamic_rows=False, dynamic_slots=long_row)
         valid = torch.ones(1, size, dtype=torch.bool, device=eng.device)
