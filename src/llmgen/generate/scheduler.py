@@ -227,8 +227,9 @@ class Scheduler:
 
     def _admit(self, req: Request) -> None:
         eng = self.engine
-        if self.cache is None:
-            self.cache = KVCache.allocate(eng.cfg, self.max_batch, self.max_len, eng.device, eng.dtype)
+        if self.cache is None:  # one slot spare: the compiled steps see views of up to max_len slots, and a view
+            # of the whole tensor (contiguous, a new stride relation) would fail a guard and recompile mid-run
+            self.cache = KVCache.allocate(eng.cfg, self.max_batch, self.max_len + 1, eng.device, eng.dtype)
         req.gen = torch.Generator(device=eng.device)
         req.gen.manual_seed(req.seed) if req.seed is not None else req.gen.seed()
         p = req.params
