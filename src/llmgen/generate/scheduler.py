@@ -148,6 +148,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
         self.closed = False
+        self.compiled_now = False  # the current decode step compiled a graph (`_timed`)
 
     # ------------------------------------------------------------------ clients
 
@@ -227,9 +228,11 @@ class Scheduler:
 
     def _admit(self, req: Request) -> None:
         eng = self.engine
-        if self.cache is None:  # one slot spare: the compiled steps see views of up to max_len slots, and a view
-            # of the whole tensor (contiguous, a new stride relation) would fail a guard and recompile mid-run
-            self.cache = KVCache.allocate(eng.cfg, self.max_batch, self.max_len + 1, eng.device, eng.dtype)
+        if self.cache is None:  # long rows get one slot spare: their compiled step sees views of up to max_len
+            # slots, and a view of the whole tensor (contiguous: a new stride relation) would fail a guard and
+            # recompile mid-run; a short row's fixed-shape step takes the whole, contiguous tensor (faster)
+            spare = int(self.max_len > SHORT_ROW)
+            self.cache = KVCache.allocate(eng.cfg, self.max_batch, self.max_len + spare, eng.device, eng.dtype)
         req.gen = torch.Generator(device=eng.device)
         req.gen.manual_seed(req.seed) if req.seed is not None else req.gen.seed()
         p = req.params
@@ -270,7 +273,7 @@ class Scheduler:
         dev = eng.device
         tok = torch.tensor([q.generated[-1] for q in reqs], device=dev)
         pos = torch.tensor([q.cached for q in reqs], device=dev)  # the slot each row's token goes to
-        t0, compiled_before = time.perf_counter(), self.stats.compile_s
+        t0, self.compiled_now = time.perf_counter(), False
         if D == 1 and len(self.rows) == 1 and eng.compiling:
             logits = self._compiled_step(tok, pos)
         elif D == 1:
@@ -284,10 +287,13 @@ class Scheduler:
             logits = eng._forward(tok[:, None], self.cache, pos[:, None], mask, pos[:, None])
         nxt = self._sample(logits, reqs)
         now = time.perf_counter()
-        self.stats.decode_s += now - t0
-        if D == 1:
-            self.stats.single_steps += 1
-            self.stats.single_s += now - t0 - (self.stats.compile_s - compiled_before)
+        if self.compiled_now:
+            self.stats.compile_s += now - t0
+        else:
+            self.stats.decode_s += now - t0
+            if D == 1:
+                self.stats.single_steps += 1
+                self.stats.single_s += now - t0
         for i in reversed(range(D)):  # from the bottom, so a finished row's replacement is already done
             self._accept(i, nxt[i])
 
@@ -330,15 +336,12 @@ class Scheduler:
         return view
 
     def _timed(self, shape: tuple, step: Callable, *args) -> torch.Tensor:
-        """Run a compiled step; its first call for `shape` compiles, and that time goes to compile_s."""
-        eng = self.engine
-        t1, new = time.perf_counter(), shape not in eng._compiled_shapes
-        logits = step(*args)
-        if new:
-            eng._compiled_shapes.add(shape)
-            self.stats.compile_s += time.perf_counter() - t1
-            self.stats.decode_s -= time.perf_counter() - t1
-        return logits
+        """Run a compiled step; its first call for `shape` compiles (`_decode` counts that step's time, the
+        compiler's import included, as compile_s)."""
+        if shape not in self.engine._compiled_shapes:
+            self.engine._compiled_shapes.add(shape)
+            self.compiled_now = True
+        return step(*args)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         """One token per row, each with its request's own parameters and generator."""
