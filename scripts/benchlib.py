@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    """The CPU's model name (benchmark figures depend on it), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from llmgen.kernels.precision import cpu_name
 
 
 def report(out: str, result: dict, header: list[str], lines: list[list]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Optional
@@ -28,6 +27,7 @@ from typing import Optional
 import torch
 
 from llmgen.atomic import atomic_write_text
+from llmgen.kernels.precision import cpu_name
 
 PRIOR_STEPS = 2048  # before this machine has timed both paths: compile work of at least this many steps
 MIN_STEPS = 8  # a generation adds its step time to the record only from this many one-row steps
@@ -35,17 +35,6 @@ MIN_STEPS = 8  # a generation adds its step time to the record only from this ma
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LLMGEN_CACHE_DIR") or Path.home() / ".cache" / "llmgen")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (timings depend on it; the project's machines change kind), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _path() -> Path:

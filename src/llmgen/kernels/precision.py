@@ -9,7 +9,9 @@ faster; CUDA uses bf16 where the GPU supports it and fp16 otherwise.
 from __future__ import annotations
 
 import functools
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,3 +59,14 @@ def choose_dtype(device: torch.device, setting: str = "auto") -> tuple[torch.dty
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in NAMES.items()}[dtype]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (timings depend on it; the project's machines change kind), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
