@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -318,38 +319,43 @@ def test_compiled_decode_step_matches_eager(quantize):
 
 def test_compile_plan_break_even_from_recorded_timings(tmp_path, monkeypatch):
     """generate.compile auto decides from this machine's timings: compile seconds over the per-step gain,
-    apart for short and long rows; nothing known, or a broken record, means no estimate."""
+    apart for short and long rows; with only the eager step timed, a minute of eager decoding; nothing
+    timed, or a broken record, means decode eagerly."""
     monkeypatch.setenv("LLMGEN_CACHE_DIR", str(tmp_path))
     k = "some model"
-    assert compile_plan.pays_after(k, long=False) is None
+    assert compile_plan.pays_after(k, long=False)[0] is None
     compile_plan.note(k, long=False, compiled=False, steps=100, seconds=2.0, compile_s=0.0)  # eager 20 ms a step
-    assert compile_plan.pays_after(k, long=False) is None  # the compiled step is not timed yet
+    assert compile_plan.pays_after(k, long=False)[0] == 3000  # PRIOR_S (60 s) of eager steps
     compile_plan.note(k, long=False, compiled=True, steps=100, seconds=1.5, compile_s=40.0)  # 15 ms, a cold compile
-    assert compile_plan.pays_after(k, long=False) is None  # the first compile filled inductor's cache: not the cost
+    assert compile_plan.pays_after(k, long=False)[0] == 3000  # the first compile filled inductor's cache: not the cost
     compile_plan.note(k, long=False, compiled=True, steps=100, seconds=1.5, compile_s=6.0)  # a warm compile
-    assert compile_plan.pays_after(k, long=False) == 1200  # 6 s / 5 ms
-    assert compile_plan.pays_after(k, long=True) is None  # long rows have their own graph and timings
+    assert compile_plan.pays_after(k, long=False) == (1200, "measured here")  # 6 s / 5 ms
+    assert compile_plan.pays_after(k, long=True)[0] == 3000  # long rows: their own graph, the eager step stands in
     compile_plan.note(k, long=False, compiled=True, steps=4, seconds=9.0, compile_s=3.0)  # too few steps to time
-    assert compile_plan.pays_after(k, long=False) == 600  # only the newer compile time counts
+    assert compile_plan.pays_after(k, long=False)[0] == 600  # only the newer compile time counts
     compile_plan.note(k, long=True, compiled=False, steps=50, seconds=1.0, compile_s=0.0)
     for _ in range(2):
         compile_plan.note(k, long=True, compiled=True, steps=50, seconds=1.1, compile_s=5.0)
-    assert compile_plan.pays_after(k, long=True) == sys.maxsize  # compiled measured slower: never
+    assert compile_plan.pays_after(k, long=True)[0] == sys.maxsize  # compiled measured slower: never
     (tmp_path / "compile.json").write_text("{not json")
-    assert compile_plan.pays_after(k, long=False) is None
+    assert compile_plan.pays_after(k, long=False)[0] is None
 
 
 def test_engine_plans_compiling_for_the_work_ahead(tmp_path, monkeypatch):
-    """compile auto: one short answer stays eager, long work compiles; the reason is in the one-line
-    summary; explicit settings stand; every generation records its step time for the next decision."""
+    """compile auto: nothing timed or one short answer stays eager, long work compiles; the reason is in
+    the one-line summary; explicit settings stand; every generation records its step time."""
     monkeypatch.setenv("LLMGEN_CACHE_DIR", str(tmp_path))
     auto = Engine(tiny_model(), bytes_tokenizer(), options=EngineOptions(device="cpu", quantize="none"))
-    auto.plan(100, "one prompt")
-    assert not auto.compiling and "eager decode step (auto: one prompt ~100 steps" in auto.describe()
+    auto.plan(10**6, "a file")  # nothing timed on this machine yet: eager, and this run times the step
+    assert not auto.compiling and "eager decode step (auto: a file ~1,000,000 steps; decoding eagerly" in auto.describe()
     auto.generate(["Hello"], GenerateConfig(max_new_tokens=20, temperature=0.0, ignore_eos=True))
     record = json.loads((tmp_path / "compile.json").read_text())
-    assert list(record) == [auto.plan_key] and record[auto.plan_key]["short"]["eager_ms"] > 0
-    auto.plan(compile_plan.PRIOR_STEPS, "a file")  # nothing compiled timed yet: the prior decides
+    eager_ms = record[auto.plan_key]["short"]["eager_ms"]
+    assert list(record) == [auto.plan_key] and eager_ms > 0
+    minute = math.ceil(compile_plan.PRIOR_S * 1000 / eager_ms)
+    auto.plan(minute - 1, "one prompt", long=False)  # short rows: the class that was timed
+    assert not auto.compiling and f"compiling pays after {minute:,} steps, taken as 60 s" in auto.describe()
+    auto.plan(minute, "a file", long=False)
     assert auto.compiling and "compiled decode step (auto: a file" in auto.describe()
     compile_plan.note(auto.plan_key, long=False, compiled=False, steps=100, seconds=2.0, compile_s=0.0)  # 20 ms
     for _ in range(2):  # a cold compile, then one from inductor's cache

@@ -7,13 +7,14 @@ minute or two before the first token (much less once inductor's on-disk cache ho
     steps x (eager ms - compiled ms per step) >= compile seconds
 
 with all three figures measured on this machine for this model and path, apart for short rows (up to
-`scheduler.SHORT_ROW` slots: a fixed-shape graph) and long ones (a dynamic graph, slower per step, whose gain grows
-with the length): every generation adds its mean one-row step time (eager or compiled) and, when it
-compiled, the compile time to a small JSON record in the llmgen cache folder (`$LLMGEN_CACHE_DIR`,
+`scheduler.SHORT_ROW` slots: a fixed-shape graph) and long ones (a dynamic graph): every
+generation adds its mean one-row step time (eager or compiled) and, when it compiled, the compile
+time to a small JSON record in the llmgen cache folder (`$LLMGEN_CACHE_DIR`,
 else ~/.cache/llmgen). The first compile of a graph fills inductor's on-disk cache and costs several
-times what the later ones do, so its time is not used as the cost. Until a class has been timed here
-(both paths, and a compile after the first), work of `PRIOR_STEPS` decode steps or more is compiled (a
-long generation, a file of prompts, a chat session) and shorter work is not (one short answer).
+times what the later ones do, so its time is not used as the cost. Before a compile has been timed
+here, work that would take PRIOR_S seconds or more to decode eagerly compiles (a long generation, a
+file of prompts, a chat session) and shorter work does not (one short answer); before anything has
+been timed, the work runs eagerly (and times the eager step).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from llmgen.atomic import atomic_write_text
 from llmgen.kernels.precision import cpu_name
 
-PRIOR_STEPS = 2048  # before this machine has timed both paths: compile work of at least this many steps
+PRIOR_S = 60.0  # with only the eager step timed: compile work that would decode this long eagerly
 MIN_STEPS = 8  # a generation adds its step time to the record only from this many one-row steps
 
 
@@ -56,17 +57,25 @@ def key(device: torch.device, dtype: torch.dtype, weights: str, shape: str) -> s
     return f"torch {torch.__version__} | {where} | {dtype} | {weights.split(' (')[0] or 'own weights'} | {shape}"
 
 
-def pays_after(k: str, long: bool) -> Optional[int]:
-    """Decode steps after which compiling pays here for rows of one length class (`long`: more than
-    SHORT_ROW slots, a graph of their own), sys.maxsize if the compiled step measured no faster; None
-    while this machine has not timed both paths and a compile of that class."""
-    r = _read().get(k, {}).get("long" if long else "short", {})
-    if not isinstance(r, dict) or not {"compile_s", "eager_ms", "compiled_ms"} <= r.keys():
-        return None
-    if r.get("compiles", 0) < 2:  # the first ran with inductor's cache cold (40 s where a warm one takes 6)
-        return None
-    gain = r["eager_ms"] - r["compiled_ms"]
-    return math.ceil(r["compile_s"] * 1000 / gain) if gain > 0 else sys.maxsize
+def pays_after(k: str, long: bool) -> tuple[Optional[int], str]:
+    """(decode steps after which compiling pays here, on what basis) for rows of one length class (`long`:
+    more than SHORT_ROW slots, a graph of their own). Measured: compile seconds / (eager - compiled ms a
+    step), sys.maxsize if the compiled step was no faster. With only the eager step timed: the steps of
+    PRIOR_S of eager decoding. Nothing timed: None (decode eagerly; that run times it)."""
+    entry = _read().get(k, {})
+    classes = [entry.get(c, {}) if isinstance(entry, dict) else {} for c in (("long", "short") if long else ("short", "long"))]
+    r = classes[0] if isinstance(classes[0], dict) else {}
+    # the eager step costs about the same in either class (no graph): the other's timing stands in
+    eager = r.get("eager_ms") or (classes[1].get("eager_ms") if isinstance(classes[1], dict) else None)
+    if not eager:
+        return None, "decoding eagerly until this machine has timed the step"
+    # the first compile of a graph fills inductor's cache (40 s where a later one takes 6): not the cost
+    if "compiled_ms" in r and "compile_s" in r and r.get("compiles", 0) >= 2:
+        gain = eager - r["compiled_ms"]
+        if gain <= 0:
+            return sys.maxsize, "compiled measured no faster here"
+        return math.ceil(r["compile_s"] * 1000 / gain), "measured here"
+    return math.ceil(PRIOR_S * 1000 / eager), f"taken as {PRIOR_S:.0f} s of eager decoding until a compile is timed here"
 
 
 def note(k: str, long: bool, compiled: bool, steps: int, seconds: float, compile_s: float) -> None:

@@ -144,14 +144,11 @@ class Engine:
         settings, and a choice already made to compile, stand."""
         if self.compile_mode is not None or self.compiling:
             return
-        after = compile_plan.pays_after(self.plan_key, steps > SHORT_ROW if long is None else long)
-        if after is None:
-            after, basis = compile_plan.PRIOR_STEPS, "until timed here"
-        else:
-            basis = "measured here" if after < sys.maxsize else "measured here: compiled no faster"
-        self.compiling = steps >= after
-        pays = f"pays after {after:,} steps" if after < sys.maxsize else "never pays"
-        self.compile_why = f"auto: {what} ~{steps:,} steps; compiling {pays}, {basis}"
+        after, basis = compile_plan.pays_after(self.plan_key, steps > SHORT_ROW if long is None else long)
+        self.compiling = after is not None and steps >= after
+        pays = (basis if after is None else f"compiling pays after {after:,} steps, {basis}" if after < sys.maxsize
+                else f"compiling never pays, {basis}")
+        self.compile_why = f"auto: {what} ~{steps:,} steps; {pays}"
 
     def warm_up(self, session: bool = False) -> float:
         """Compile the one-row decode step now (a chat session's, with `session`), not in the middle of the
