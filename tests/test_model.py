@@ -176,6 +176,8 @@ def test_build_model_takes_the_files_tensors_and_restores_init(tmp_path, tied):
     with torch.no_grad():  # the parameters are ordinary writable tensors
         loaded.tok_emb.weight.add_(1.0)
     assert torch.equal(build_model(tmp_path, m.cfg).tok_emb.weight, m.tok_emb.weight)
+    save_model(m.to(torch.bfloat16), str(tmp_path / "model.safetensors"))  # a bf16 file: fp32 parameters
+    assert {p.dtype for p in build_model(tmp_path, m.cfg).parameters()} == {torch.float32}
 
 
 def test_loading_a_checkpoint_does_not_import_the_compiler(tmp_path):

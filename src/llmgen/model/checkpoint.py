@@ -129,11 +129,14 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
 
 def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    """Load `state` into a meta-device model by taking its tensors (no copy). A file holds one name of
-    each group of shared weights (tied embeddings): the other names are pointed at the loaded tensor."""
+    """Load `state` into a meta-device model by taking its tensors (no copy unless the file's dtype differs
+    from the model's: a bf16 file still gives fp32 parameters, as copying into them did). A file holds one
+    name of each group of shared weights (tied embeddings): the other names are pointed at the loaded tensor."""
     groups: dict[int, list[str]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    own = model.state_dict(keep_vars=True)
+    for name, t in own.items():
         groups.setdefault(id(t), []).append(name)
+    state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     for names in groups.values():
         loaded = [n for n in names if n in state]
