@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmgen.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLMGEN_SHARED_DATA", REPO.parent / "shared" / "data"))
 # the compile-plan timings this machine's runs record (generate.compile auto): the tests' own, so a
@@ -40,8 +42,6 @@ def _seed_everything():
 @pytest.fixture
 def cli(capsys, monkeypatch, tmp_path):
     """Run `llmgen ARGS...` in-process inside tmp_path; returns (exit_code, stdout, stderr)."""
-    from llmgen.cli import main
-
     monkeypatch.chdir(tmp_path)
 
     def run(*args: str) -> tuple[int, str, str]:

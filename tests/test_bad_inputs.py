@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from llmgen.atomic import clean_stale, exclusive
+from llmgen.cli import main
 from llmgen.config import ModelConfig
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.model.checkpoint import save_checkpoint
@@ -329,8 +330,6 @@ def test_hostile_pickle_weights_are_refused(cli, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A pretrain run with checkpoints at steps 2 and 4 (tiny model, bytes tokenizer)."""
-    from llmgen.cli import main
-
     root = tmp_path_factory.mktemp("run")
     args = ["--set", f"data.prepared_dir={root / 'data'}", "--set", f"run_dir={root / 'run'}",
             "--set", "data.builtin_documents=200", "--set", "tokenizer.type=bytes", "--set", "model.preset=tiny",

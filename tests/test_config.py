@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+import llmgen.data.prepare as prep
 from llmgen.config import MODEL_PRESETS, Config, build_config, load_config
 from llmgen.errors import LlmgenError
 
@@ -152,8 +153,6 @@ def test_python_dash_m_and_console_script(tmp_path):
 
 
 def test_cli_bug_exits_1_with_traceback_behind_debug(cli, monkeypatch):
-    import llmgen.data.prepare as prep
-
     def boom(cfg, force=False):
         raise RuntimeError("simulated bug")
 

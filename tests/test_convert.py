@@ -11,6 +11,7 @@ import torch
 
 from llmgen.config import EngineOptions, GenerateConfig, ModelConfig
 from llmgen.data.tokenizer import bytes_tokenizer
+from llmgen.generate.engine import Engine
 from llmgen.interop.export import export_hf
 from llmgen.interop.hf import import_model
 from llmgen.interop.load import load_model
@@ -104,8 +105,6 @@ def test_smollm2_gguf_parity_and_greedy_generate(tmp_path):
     import subprocess
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmgen.generate.engine import Engine
 
     gguf = os.environ.get("LLMGEN_SMOLLM2_GGUF")
     if not gguf:

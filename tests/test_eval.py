@@ -10,6 +10,7 @@ import torch
 
 from llmgen.config import ModelConfig
 from llmgen.data.tokenizer import bytes_tokenizer
+from llmgen.errors import LlmgenError
 from llmgen.evaluate.metrics import load_metric
 from llmgen.evaluate.perplexity import perplexity, windows
 from llmgen.model.checkpoint import save_checkpoint
@@ -48,8 +49,6 @@ def test_rouge_equals_rouge_score():
 
 
 def test_unknown_metric_lists_available():
-    from llmgen.errors import LlmgenError
-
     with pytest.raises(LlmgenError, match="did you mean 'rouge'.*available: ppl, bleu, chrf, rouge"):
         load_metric("rogue")
 

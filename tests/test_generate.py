@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from llmgen.config import EngineOptions, GenerateConfig, ModelConfig
 from llmgen.data.chat_format import PromptFormat, render_chat_template
@@ -380,8 +381,6 @@ def test_generate_cli_reports_the_compile_plan(cli, ckpt):
 def test_compiled_long_row_keeps_one_graph_to_the_end_of_its_cache():
     """A long row (more than SHORT_ROW slots) decodes with one graph whose slot count is dynamic; the
     cache keeps a spare slot, so the last bucket (a view of every slot) does not recompile."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
     model = tiny_model(max_seq_len=1024)
     eng = Engine(model, bytes_tokenizer(), options=EngineOptions(device="cpu", quantize="none", compile=True))
     p = GenerateConfig(max_new_tokens=900, temperature=0.0, ignore_eos=True)

@@ -22,6 +22,7 @@ from test_gguf_export import _checkpoint  # noqa: E402  (same tiny models as the
 
 from llmgen.interop.gguf_export import export_gguf  # noqa: E402
 from llmgen.interop.hf import import_model  # noqa: E402
+from llmgen.interop.load import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LCPP = os.environ.get("LLMGEN_LLAMA_CPP_PYTHON", "/tmp/lcpp/bin/python")
@@ -60,8 +61,6 @@ def llmgen_greedy(model: Path, prompt: str, n: int) -> dict:
 
 
 def _compare(model: Path, gguf: Path, prompt: str, n: int) -> None:
-    from llmgen.interop.load import load_model
-
     tok = load_model(str(model)).tokenizer
     theirs = llama_cpp_greedy(gguf, prompt, n)
     assert theirs["prompt_ids"] == tok.encode(prompt, specials=True)  # llama.cpp's pre-tokenizer and merges = ours

@@ -1,11 +1,15 @@
 import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_model
 
 from llmgen.config import build_config
+from llmgen.model.checkpoint import build_model
 from llmgen.model.kv_cache import KVCache
 from llmgen.model.transformer import Transformer, apply_rope, rope_tables
 from llmgen.train.loss import LanguageModelLoss, _LinearCrossEntropy, cross_entropy, linear_cross_entropy
@@ -157,10 +161,6 @@ def test_ffn_hidden():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_build_model_takes_the_files_tensors_and_restores_init(tmp_path, tied):
-    from safetensors.torch import save_model
-
-    from llmgen.model.checkpoint import build_model
-
     m = make(tie_embeddings=tied)
     save_model(m, str(tmp_path / "model.safetensors"))
     init = torch.nn.init.normal_
@@ -182,11 +182,6 @@ def test_build_model_takes_the_files_tensors_and_restores_init(tmp_path, tied):
 
 def test_loading_a_checkpoint_does_not_import_the_compiler(tmp_path):
     # ~1 s of every inference command's start-up: building on meta used to run torch.nn.init there
-    import subprocess
-    import sys
-
-    from safetensors.torch import save_model
-
     m = make()
     save_model(m, str(tmp_path / "model.safetensors"))
     code = ("import sys, dataclasses; from llmgen.config import build_config; "

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from llmgen.config import EngineOptions, GenerateConfig, ModelConfig, load_config
+from llmgen.data.shards import WindowSampler
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.generate.engine import Engine
 from llmgen.kernels import precision
 from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
 from llmgen.train import distributed
+from llmgen.train.loop import TrainJob, train
 
 
 @pytest.mark.parametrize("speedup,want", [(6.1, torch.bfloat16), (1.2, torch.float32), (0.03, torch.float32)])
@@ -43,9 +45,6 @@ def tiny(seed=0):
 
 
 def test_bf16_autocast_training_step_on_the_cpu_lowers_the_loss(tmp_path):
-    from llmgen.data.shards import WindowSampler
-    from llmgen.train.loop import TrainJob, train
-
     text = ("the quick brown fox jumps over the lazy dog. " * 400).encode()
     tokens = torch.tensor(list(text)).numpy()
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "train.mixed_precision=bf16", "train.max_steps=12",

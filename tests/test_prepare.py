@@ -7,7 +7,8 @@ import pytest
 from llmgen.config import load_config
 from llmgen.data.prepare import _is_val, prepare
 from llmgen.data.shards import TokenShards, shard_dtype
-from llmgen.data.tokenizer import Tokenizer
+from llmgen.data.sources import split_safely
+from llmgen.data.tokenizer import Tokenizer, bytes_tokenizer, train_bpe
 from llmgen.errors import LlmgenError
 
 from conftest import shared_file
@@ -137,9 +138,6 @@ def test_builtin_quickstart_prepare(cli):
 
 
 def test_safe_parts_encode_like_the_whole():
-    from llmgen.data.sources import split_safely
-    from llmgen.data.tokenizer import train_bpe
-
     text = shared_file("wizard_of_oz.txt").read_text()[:300_000]
     tok = train_bpe([text], 1024)
     parts = split_safely(text, 20_000)
@@ -152,8 +150,6 @@ def test_which_tokenizers_cut_safely(tmp_path):
     """prepare cuts long texts into parts only for tokenizers where parts encode like the whole."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
-
-    from llmgen.data.tokenizer import Tokenizer, bytes_tokenizer, train_bpe
 
     ours = train_bpe(["the cat sat on the mat. " * 200], 300)
     ours.save(tmp_path / "ours")
@@ -175,8 +171,6 @@ def test_bpe_training_in_parts_learns_the_same_tokenizer(tmp_path):
     """prepare trains BPE on small parts of each piece (less memory); the vocabulary is the one the
     whole text gives, also for a text with no newline at all."""
     import random
-
-    from llmgen.data.tokenizer import train_bpe
 
     rng = random.Random(0)
     words = ["the", "king", "queen", "castle", "rides", "north", "storm", "gold", "silver", "night"]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from llmgen import hub
 from llmgen.config import DataConfig
 from llmgen.data import sources
 from llmgen.data.sources import Corpus, split_on, text_file_pieces
@@ -122,8 +123,6 @@ def test_chunked_reading_never_changes_tokens(tmp_path, monkeypatch):
 
 
 def test_hub_source_offline_fails_clearly(monkeypatch):
-    from llmgen import hub
-
     monkeypatch.setattr(hub, "HUB_HOST", "hub.invalid")  # a name that never resolves: offline for sure
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

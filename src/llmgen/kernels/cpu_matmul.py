@@ -18,8 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmgen.model.transformer import on_meta
-
 
 @functools.lru_cache(maxsize=None)
 def split_pays() -> bool:
@@ -103,8 +101,7 @@ class DecodeLinear(nn.Linear):
     @classmethod
     def wrap(cls, layer: nn.Linear) -> "DecodeLinear":
         """A DecodeLinear sharing `layer`'s parameters (tied weights stay tied), weight in decode layout."""
-        with on_meta():
-            new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         new.weight, new.bias = layer.weight, layer.bias
         new.weight.data = decode_layout(layer.weight.data)
         new.made_from = new.weight.data_ptr()  # kernels.stale

@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmgen.kernels.cpu_matmul import decode_layout, linear
-from llmgen.model.transformer import on_meta
 
 _packed: list = []  # FBGEMM packed weights (or the Future of one being packed), by handle
 _lib: Optional[torch.library.Library] = None  # defines llmgen::fp16_linear on first use
@@ -131,8 +130,7 @@ class Fp16Linear(nn.Linear):
     @classmethod
     def wrap(cls, layer: nn.Linear) -> "Fp16Linear":
         """An Fp16Linear sharing `layer`'s parameters (tied weights stay tied), packed now."""
-        with on_meta():
-            new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         new.weight, new.bias = layer.weight, layer.bias
         new.handle = pack(layer.weight, layer.bias, new)
         new.made_from = layer.weight.data_ptr()

@@ -9,13 +9,14 @@ Weights are only read from safetensors; training state only with `torch.load(wei
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -26,11 +27,31 @@ from safetensors.torch import save_model
 from llmgen.atomic import atomic_dir
 from llmgen.config import ModelConfig, to_dataclass
 from llmgen.errors import LlmgenError
-from llmgen.model.transformer import Transformer, on_meta
+from llmgen.model.transformer import Transformer
 from llmgen.version import __version__
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 STATE_FILE = "training_state/state.pt"
+
+
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+          "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers (their weights are loaded or
+    shared afterwards). On meta tensors `torch.nn.init.normal_` takes torch's reference path, whose first
+    call imports the compiler: ~1 s of every inference command's start-up, for nothing."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, tokenizer_dir: Path, info: dict[str, Any],

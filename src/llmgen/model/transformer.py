@@ -14,9 +14,8 @@ token with its position. Speed paths (fused projections, CPU decode matmuls, int
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -26,26 +25,6 @@ from llmgen.config import ModelConfig
 from llmgen.model.kv_cache import KVCache
 
 Rope = Optional[tuple[torch.Tensor, torch.Tensor]]
-
-
-_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
-          "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
-
-
-@contextlib.contextmanager
-def on_meta() -> Iterator[None]:
-    """Build modules on the meta device without running their initialisers (their weights are loaded or
-    shared afterwards). On meta tensors `torch.nn.init.normal_` takes torch's reference path, whose first
-    call imports the compiler: ~1 s of every inference command's start-up, for nothing."""
-    saved = {name: getattr(nn.init, name) for name in _INITS}
-    try:
-        for name in _INITS:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
 
 
 class RMSNorm(nn.Module):
