@@ -237,8 +237,9 @@ class EngineOptions:
     device: Optional[str] = None  # null = cuda when available, else cpu
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: measured (kernels.precision)
     # decoding weights: auto (null) = fp16 through FBGEMM where measured faster (fp32 models on x86 CPUs), else
-    # the model's own; none = the model's own; fp16; int8 weight-only (4x less memory; slow on most CPUs)
-    quantize: Optional[Literal["auto", "none", "fp16", "int8"]] = None
+    # the model's own; none = the model's own; fp16; int8 / int4 weight blocks (kernels/blockwise.py on AVX2 CPUs;
+    # int8 elsewhere: torch's weight-only int8)
+    quantize: Optional[Literal["auto", "none", "fp16", "int8", "int4"]] = None
     # torch.compile the decode step: True, False, or None = auto: where it pays for the work ahead on this
     # machine (Engine.plan, generate/compile_plan.py). The first call of a graph pays its compile time.
     compile: Optional[bool] = None
@@ -252,9 +253,10 @@ class GenerateConfig(SamplingParams):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto", metadata=_flag("Weights and activations: auto = bf16 where this machine runs it clearly "
                                        "faster than fp32 (measured), else fp32."))
-    quantize: Optional[Literal["auto", "none", "fp16", "int8"]] = field(default=None, metadata=_flag(
+    quantize: Optional[Literal["auto", "none", "fp16", "int8", "int4"]] = field(default=None, metadata=_flag(
         "Decoding weights: auto (default) = fp16 where this CPU runs them clearly faster than fp32 (measured), "
-        "none = the model's own, fp16, int8 (weight-only)."))
+        "none = the model's own, fp16, int8 or int4 (blocks of 32 weights with their own scale; int4 keeps the "
+        "output head in int8)."))
     compile: Optional[bool] = field(default=None, metadata=_flag(
         "torch.compile the decode step. Default (null): where it pays on this machine for the work asked (long "
         "generations, files of prompts, chat sessions; not one short answer), from timings it records."))

@@ -5,7 +5,8 @@ the model's fused projections; the network itself never tests which kernel it ru
     fused.py       q/k/v and gate/up as one matmul
     cpu_matmul.py  decoding matmuls split over the CPU cores (where the BLAS leaves cores idle)
     fp16_weights.py  fp16 weights through FBGEMM on x86 CPUs (half the bytes per decode step)
-    int8.py        int8 weight-only linear layers
+    int8.py        int8 weight-only linear layers (torch's kernel; GPUs and CPUs without AVX2)
+    blockwise.py   int8 / int4 weights in blocks of 32 with AVX2 kernels of our own (blockwise.cpp)
 
 Each has a test proving it equal to the plain path (tests/test_kernels.py).
 """
@@ -18,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from llmgen.errors import LlmgenError
-from llmgen.kernels import fp16_weights
+from llmgen.kernels import blockwise, fp16_weights
+from llmgen.kernels.blockwise import BlockLinear, Split
 from llmgen.kernels.cpu_matmul import DecodeLinear, register_split_op
 from llmgen.kernels.fp16_weights import Fp16Linear
 from llmgen.kernels.fused import FusedLinear, plain
@@ -34,6 +36,32 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                if type(child) is nn.Linear]
     for parent, name, child in targets:
         setattr(parent, name, Int8Linear(child))
+    return model
+
+
+def quantize_blockwise(model: Transformer, bits: int) -> Transformer:
+    """Every projection of the blocks in `bits`-bit blocks (q/k/v and gate/up each as one product), the
+    output head in int8, in place; the fp32 weights of the layers swapped are let go (the embedding stays:
+    a tied head keeps it). Layers wrapped by someone else (an unmerged LoRA adapter) and layers whose input
+    features are not a multiple of 64 keep running themselves."""
+    blockwise.load()
+
+    def swap(parent: nn.Module, names: tuple[str, ...], bits: int):
+        layers = [getattr(parent, n) for n in names]
+        if not (plain(*layers) and all(blockwise.fits(m) for m in layers)):
+            return None
+        whole, parts = BlockLinear.joined(layers, bits)
+        for n, part in zip(names, parts):
+            setattr(parent, n, part)
+        return Split(whole, parts)
+
+    for block in model.blocks:
+        a, m = block.attn, block.mlp
+        a.fused_qkv = swap(a, ("wq", "wk", "wv"), bits)
+        m.fused_gate_up = swap(m, ("w1", "w3"), bits) if m.gated else None
+        for parent, name in ((a, "wo"), (m, "w2")) + (() if m.gated else ((m, "w1"),)):
+            swap(parent, (name,), bits)
+    swap(model, ("lm_head",), 8)
     return model
 
 
@@ -97,9 +125,18 @@ def prepare_for_inference(model: Transformer, quantize: Optional[str] = None) ->
     """The decoding speed paths for `model`, in place: int8 weights when asked, else fused projections
     with fp32 or fp16 weights (`use_fp16_weights`). Returns the weights' part of the engine's one-line
     summary ("" when there is nothing to say)."""
-    if quantize == "int8":
+    if quantize in ("int4", "int8"):
+        p = next(model.parameters())
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            if quantize == "int4":
+                raise LlmgenError(f"--quantize int4 is a CPU path for fp32 models; this model is "
+                                  f"{str(p.dtype).replace('torch.', '')} on {p.device.type}: add --dtype fp32 "
+                                  f"--device cpu, or use --quantize int8")
+        elif quantize == "int4" or blockwise.missing() is None:
+            quantize_blockwise(model, 4 if quantize == "int4" else 8)
+            return f"{quantize} weights (blocks of 32{', int8 head' if quantize == 'int4' else ''})"
         quantize_int8(model)
-        return "int8 weights"
+        return "int8 weights (torch's weight-only kernel)"
     fp16, why = use_fp16_weights(model, quantize)
     fuse_projections(model, fp16)
     return why

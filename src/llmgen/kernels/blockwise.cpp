@@ -1,0 +1,207 @@
+// Block-quantized weight products for CPU decoding with AVX2 (kernels/blockwise.py builds this file
+// on first use and says why it is there).
+//
+// Weights are cut into blocks of 32 along the input features, each with its own fp16 scale:
+//   q4: 4-bit codes 0..15 with a scale d and a minimum m per block (w = q * d + m), two blocks per 32 bytes
+//       (byte j: weight j of the first block in the low half, weight j of the second in the high half);
+//   q8: signed 8-bit codes with a scale d per block (w = q * d).
+// The activations are cut the same way and rounded to int8 with one scale per block, so a block's dot
+// product is 32 integer multiply-adds (vpmaddubsw + vpmaddwd) and one fp32 multiply-add by the two scales.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t B = 32;  // weights per block
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 32 unsigned codes times 32 signed activations, as 8 int32 partial sums in fp32.
+inline __m256 dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+// The activations (M, K) as int8 blocks: codes qa (M, K), scales da (M, K/32) and, for q4's minimum
+// term, each block's sum of codes times its scale sa (M, K/32). Kept in buffers reused from call to call
+// (per calling thread): allocating tensors for them cost more than a small product.
+struct Quantized {
+  std::vector<int8_t> qa;
+  std::vector<float> da, sa;
+};
+
+const Quantized& quantize_rows(const at::Tensor& x2) {
+  thread_local Quantized r;
+  const int64_t M = x2.size(0), K = x2.size(1), nb = K / B;
+  if (static_cast<int64_t>(r.qa.size()) < M * K) r.qa.resize(M * K);
+  if (static_cast<int64_t>(r.da.size()) < M * nb) r.da.resize(M * nb), r.sa.resize(M * nb);
+  const float* xp = x2.data_ptr<float>();
+  int8_t* qp = r.qa.data();
+  float* dp = r.da.data();
+  float* sp = r.sa.data();
+  auto rows = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* v = xp + i * B;
+      float amax = 0.f;
+      for (int j = 0; j < B; ++j) amax = std::max(amax, std::fabs(v[j]));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int j = 0; j < B; ++j) {
+        const int q = static_cast<int>(std::nearbyint(v[j] * inv));
+        qp[i * B + j] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      dp[i] = d;
+      sp[i] = d * static_cast<float>(sum);
+    }
+  };
+  if (M * nb < 1024) rows(0, M * nb);  // one row: faster than waking the other threads
+  else at::parallel_for(0, M * nb, 256, rows);
+  return r;
+}
+
+at::Tensor checked_rows(const at::Tensor& x, int64_t in_features) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "blockwise products take fp32 activations");
+  TORCH_CHECK(x.size(-1) == in_features && in_features % (2 * B) == 0,
+              "blockwise products need input features a multiple of 64");
+  return x.reshape({-1, in_features}).contiguous();
+}
+
+at::Tensor shaped(const at::Tensor& y, const at::Tensor& x, int64_t out_features) {
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  return y.view(shape);
+}
+
+// Per (weight row, activation row): the products of the two scales of every block, stored for broadcast.
+template <typename Body>
+void each_row(int64_t N, int64_t nb, Body body) {
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    std::vector<float> scale(nb + 8);
+    for (int64_t n = n0; n < n1; ++n) body(n, scale.data());
+  });
+}
+
+// d (and m): nb fp16 values of one weight row; da (and sa): the activation row's; writes s = d * da
+// and returns sum(m * sa) (0 without m).
+inline float scales(const uint16_t* d, const uint16_t* m, const float* da, const float* sa, int64_t nb, float* s) {
+  __m256 macc = _mm256_setzero_ps();
+  float mins = 0.f;
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    _mm256_storeu_ps(s + b, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b))),
+                                          _mm256_loadu_ps(da + b)));
+    if (m) macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + b))), _mm256_loadu_ps(sa + b), macc);
+  }
+  if (m) mins = hsum(macc);
+  for (; b < nb; ++b) {
+    s[b] = _cvtsh_ss(d[b]) * da[b];
+    if (m) mins += _cvtsh_ss(m[b]) * sa[b];
+  }
+  return mins;
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, const at::Tensor& m) {
+  const int64_t N = q.size(0), K = q.size(1) * 2, nb = K / B;
+  const at::Tensor x2 = checked_rows(x, K);
+  const int64_t M = x2.size(0);
+  const Quantized& a = quantize_rows(x2);
+  at::Tensor y = at::empty({M, N}, x2.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
+  const int8_t* ap = a.qa.data();
+  const float* dap = a.da.data();
+  const float* sap = a.sa.data();
+  float* yp = y.data_ptr<float>();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  each_row(N, nb, [&](int64_t n, float* s) {
+    const uint8_t* row = qp + n * (K / 2);
+    for (int64_t r = 0; r < M; ++r) {
+      const int8_t* ar = ap + r * K;
+      const float mins = scales(dp + n * nb, mp + n * nb, dap + r * nb, sap + r * nb, nb, s);
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; b += 2) {  // two blocks per 32 bytes of codes
+        const __m256i codes = _mm256_loadu_si256((const __m256i*)(row + b * 16));
+        const __m256i q0 = _mm256_and_si256(codes, low);
+        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low);
+        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b), dot_u8s8(q0, _mm256_loadu_si256((const __m256i*)(ar + b * B))), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b + 1),
+                               dot_u8s8(q1, _mm256_loadu_si256((const __m256i*)(ar + b * B + B))), acc1);
+      }
+      yp[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + mins;
+    }
+  });
+  return shaped(y, x, N);
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d) {
+  const int64_t N = q.size(0), K = q.size(1), nb = K / B;
+  const at::Tensor x2 = checked_rows(x, K);
+  const int64_t M = x2.size(0);
+  const Quantized& a = quantize_rows(x2);
+  at::Tensor y = at::empty({M, N}, x2.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  const int8_t* ap = a.qa.data();
+  const float* dap = a.da.data();
+  float* yp = y.data_ptr<float>();
+  each_row(N, nb, [&](int64_t n, float* s) {
+    const int8_t* row = qp + n * K;
+    for (int64_t r = 0; r < M; ++r) {
+      const int8_t* ar = ap + r * K;
+      scales(dp + n * nb, nullptr, dap + r * nb, nullptr, nb, s);
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; b += 2) {  // |w| times a with w's sign: vpmaddubsw wants one unsigned side
+        const __m256i w0 = _mm256_loadu_si256((const __m256i*)(row + b * B));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i*)(row + b * B + B));
+        const __m256i a0 = _mm256_loadu_si256((const __m256i*)(ar + b * B));
+        const __m256i a1 = _mm256_loadu_si256((const __m256i*)(ar + b * B + B));
+        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b), dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(a0, w0)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b + 1), dot_u8s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(a1, w1)), acc1);
+      }
+      yp[r * N + n] = hsum(_mm256_add_ps(acc0, acc1));
+    }
+  });
+  return shaped(y, x, N);
+}
+
+at::Tensor q4_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&, const at::Tensor&) {
+  auto shape = x.sizes().vec();
+  shape.back() = q.size(0);
+  return at::empty(shape, x.options());
+}
+
+at::Tensor q8_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&) {
+  auto shape = x.sizes().vec();
+  shape.back() = q.size(0);
+  return at::empty(shape, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmgen_blockwise, lib) {
+  lib.def("q4_linear(Tensor x, Tensor q, Tensor d, Tensor m) -> Tensor");
+  lib.def("q8_linear(Tensor x, Tensor q, Tensor d) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmgen_blockwise, CPU, lib) {
+  lib.impl("q4_linear", q4_linear);
+  lib.impl("q8_linear", q8_linear);
+}
+
+TORCH_LIBRARY_IMPL(llmgen_blockwise, Meta, lib) {
+  lib.impl("q4_linear", q4_meta);
+  lib.impl("q8_linear", q8_meta);
+}

@@ -1,0 +1,161 @@
+"""4- and 8-bit block-quantized weights for CPU decoding (`--quantize int4 | int8`), with AVX2 kernels.
+
+Decoding one token reads every weight once, so a CPU decodes at the rate its cores get through the
+weight bytes. torch has no low-bit product that is fast at one row on an AVX2 CPU (its int8 and int4
+weight-only kernels measured 3-10x slower than fp32 on the AMD EPYC machine kind; see
+docs/benchmarks.md), so this module carries one: `blockwise.cpp`, built with the C++ compiler on the
+first use on a machine (~10 s, cached under ~/.cache/llmgen/kernels) and registered as torch operators
+(so compiled decode steps call it too).
+
+The formats are the ones llama.cpp made common: blocks of 32 weights along the input features, each
+with an fp16 scale; int4 keeps codes 0..15 and a per-block minimum (0.625 bytes a weight, GGUF's
+Q4_1), int8 signed codes (1.06 bytes a weight, Q8_0). The activations are rounded to int8 per block of
+32 at run time and the products run on integer multiply-adds. `--quantize int4` keeps the output head
+in int8 (as llama.cpp's Q4 files keep the embedding in Q8_0): one 49,152-row head in 4 bits costs a
+small model far more quality than all its blocks do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from llmgen.errors import LlmgenError
+
+BLOCK = 32
+SOURCE = Path(__file__).with_name("blockwise.cpp")
+
+
+def missing() -> Optional[str]:
+    """Why the kernels cannot run here (None where they can): an x86 CPU with AVX2 and a C++ compiler."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"this CPU's vector unit is {torch.backends.cpu.get_cpu_capability()} (the int4/int8 kernels need AVX2)"
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        return "no C++ compiler to build the int4/int8 kernels (install g++, e.g. apt-get install g++)"
+    return None
+
+
+def _cache() -> Path:
+    base = Path(os.environ.get("LLMGEN_CACHE_DIR") or Path.home() / ".cache" / "llmgen")
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return base / "kernels" / f"blockwise-{digest}"
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> None:
+    """Build (first use on a machine) and load the kernels; LlmgenError with the reason where they cannot."""
+    why = missing()
+    if why:
+        raise LlmgenError(f"--quantize int4/int8 on the CPU: {why}; use --quantize fp16 or none")
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
+    build = _cache()
+    built = (build / "llmgen_blockwise.so").exists()
+    if not built:
+        print("building the int4/int8 kernels for this CPU (once, ~10 s) ...", file=sys.stderr, flush=True)
+    build.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(ImportError):  # the ninja wheel's binary, where the venv's bin is not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            cpp_extension.load(name="llmgen_blockwise", sources=[str(SOURCE)], build_directory=str(build),
+                               extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                               is_python_module=False, verbose=False)
+    except (RuntimeError, OSError, ImportError) as e:
+        raise LlmgenError(f"could not build the int4/int8 kernels in {build}: {str(e).strip().splitlines()[-1]}; "
+                          f"use --quantize fp16 or none") from None
+
+
+def pack(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """A (out, in) weight as blocks of 32 along `in`: {"q": codes, "d": fp16 scales[, "m": fp16 minimums]}."""
+    out, inn = w.shape
+    blocks = w.detach().float().reshape(out, inn // BLOCK, BLOCK)
+    if bits == 8:
+        d = (blocks.abs().amax(-1) / 127).half()
+        scale = d.float()[..., None]
+        q = torch.where(scale > 0, torch.round(blocks / scale.clamp(min=1e-30)), 0).clamp(-127, 127)
+        return {"q": q.to(torch.int8).reshape(out, inn), "d": d}
+    low, high = blocks.amin(-1), blocks.amax(-1)
+    d, m = ((high - low) / 15).half(), low.half()
+    scale = d.float()[..., None]
+    q = torch.where(scale > 0, torch.round((blocks - m.float()[..., None]) / scale.clamp(min=1e-30)), 0).clamp(0, 15)
+    pairs = q.to(torch.uint8).reshape(out, inn // (2 * BLOCK), 2, BLOCK)
+    return {"q": (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(out, inn // 2), "d": d, "m": m}
+
+
+def unpack(p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 weight a pack stands for (what the kernels multiply by, up to the activations' rounding)."""
+    d = p["d"].float()[..., None]
+    if "m" not in p:
+        out, inn = p["q"].shape
+        return (p["q"].float().reshape(out, -1, BLOCK) * d).reshape(out, inn)
+    out, half = p["q"].shape
+    pairs = p["q"].reshape(out, -1, BLOCK)
+    codes = torch.stack([pairs & 15, pairs >> 4], dim=2)  # (out, pairs, 2, 32)
+    return (codes.reshape(out, -1, BLOCK).float() * d + p["m"].float()[..., None]).reshape(out, half * 2)
+
+
+def fits(layer: nn.Linear) -> bool:
+    """Whether a layer can take blockwise weights (input features a multiple of 64)."""
+    return layer.in_features % (2 * BLOCK) == 0
+
+
+class BlockLinear(nn.Module):
+    """A Linear whose weight is kept only as 4- or 8-bit blocks (`pack`). Takes fp32 activations on the
+    CPU; inference only."""
+
+    def __init__(self, blocks: dict[str, torch.Tensor], bias: Optional[torch.Tensor], bits: int, in_features: int):
+        super().__init__()
+        self.bits, self.in_features, self.out_features = bits, in_features, blocks["q"].shape[0]
+        for name, t in blocks.items():
+            self.register_buffer(name, t)
+        self.bias = bias
+
+    @classmethod
+    def joined(cls, layers: Sequence[nn.Linear], bits: int) -> tuple["BlockLinear", list["BlockLinear"]]:
+        """One BlockLinear for the layers' weights stacked (q/k/v, or gate/up: one product), and one per
+        layer whose blocks are row slices of it (each still runs on its own; no second copy)."""
+        weight = torch.cat([m.weight.detach() for m in layers])
+        bias = None if layers[0].bias is None else torch.cat([m.bias.detach().float() for m in layers])
+        whole = cls(pack(weight, bits), bias, bits, layers[0].in_features)
+        parts, row = [], 0
+        for m in layers:
+            rows = slice(row, row + m.out_features)
+            parts.append(cls({k: t[rows] for k, t in whole.named_buffers()}, None if bias is None else bias[rows],
+                             bits, m.in_features))
+            row += m.out_features
+        return whole, parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            y = torch.ops.llmgen_blockwise.q4_linear(x, self.q, self.d, self.m)
+        else:
+            y = torch.ops.llmgen_blockwise.q8_linear(x, self.q, self.d)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} blocks of {BLOCK}"
+
+
+class Split:
+    """Callable: x -> the outputs of the stacked layers of `whole` (`BlockLinear.joined`), from one product.
+    A plain object (as kernels.fused.FusedLinear), so it adds nothing to the model's state dict."""
+
+    def __init__(self, whole: BlockLinear, parts: Sequence[BlockLinear]):
+        self.whole, self.sizes = whole, [p.out_features for p in parts]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.whole(x).split(self.sizes, dim=-1)
