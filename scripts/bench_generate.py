@@ -11,9 +11,11 @@ docs/benchmarks.md), llama.cpp decodes the same prompt ids from that GGUF at bat
 threads, side by side. Batch 8 reports aggregate tokens/s. The bandwidth limit is the measured rate of reading a
 buffer the size of the weights as decoding streams them (fp32, or fp16 where the engine packed
 them so) divided by those bytes (every token reads every weight once).
-A second llmgen engine (`--variant`) decodes with int8 weight-only quantization (`--quantize int8`)
-or the compiled step (`--compile`); its cost is reported as the change in perplexity on a fixed
-text (meaningful for real weights; for random ones it only shows the rounding noise).
+A second llmgen engine (`--variant`) decodes with int8 or int4 weights (`--quantize int8|int4`), the
+compiled step (`--compile`), or both (`int4+compile`); its cost is reported as the change in
+perplexity against the fp32 weights on fixed passages of a text (the mean over passages; meaningful
+for real weights; for random ones it only shows the rounding noise). Its "% of limit" counts the
+bytes it streams (int4: 0.625 bytes a weight, its int8 head 1.06).
 
     python scripts/bench_generate.py --models tiny,small,smollm2 --new-tokens 200 --rounds 3
 """
@@ -120,8 +122,25 @@ def time_llama_cpp(python: str, gguf: str, prompt: list[int], n: int, rounds: in
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ppl(model, ids: torch.Tensor) -> float:
-    return float(cross_entropy(model(ids[:, :-1]), ids[:, 1:]).exp())
+def ppl(model, passages: list[torch.Tensor]) -> float:
+    """The mean over the passages of the model's perplexity on each."""
+    return statistics.mean(float(cross_entropy(model(ids[:, :-1]), ids[:, 1:]).exp()) for ids in passages)
+
+
+def streamed_bytes(engine: Engine) -> int:
+    """The bytes a decode step reads from the weights of a quantized engine: its blocks (each stored once:
+    the per-layer views of a joined product are not counted again) and the layers left in fp32."""
+    from llmgen.kernels.blockwise import BlockLinear
+
+    total = 0
+    for m in engine.model.modules():
+        if isinstance(m, BlockLinear) and m.q._base is None:
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
+        elif hasattr(m, "weight_int8"):  # torch's int8 weight-only layers (CPUs without AVX2)
+            total += m.weight_int8.numel() + m.scales.numel() * m.scales.element_size()
+        elif type(m) is torch.nn.Linear:
+            total += m.weight.numel() * m.weight.element_size()
+    return total
 
 
 def time_hf(model, prompts: list[list[int]], n: int) -> float:
@@ -141,8 +160,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="second batch size (aggregate tokens/s)")
     ap.add_argument("--smollm2-gguf", default=None)
-    ap.add_argument("--variant", choices=["int8", "compile", "none"], default="int8",
-                    help="the second llmgen engine: int8 weights, a torch.compile'd decode step, or none")
+    ap.add_argument("--variant", choices=["int8", "int4", "compile", "int8+compile", "int4+compile", "none"],
+                    default="int4+compile", help="the second llmgen engine: int8 or int4 weights, a torch.compile'd "
+                    "decode step, both, or none")
     ap.add_argument("--llama-cpp-python", default=None, help="python of a venv with llama-cpp-python built from source: "
                     "adds llama.cpp's batch-1 tokens/s on --smollm2-gguf (its own weights, e.g. Q4_1) for smollm2")
     ap.add_argument("--out", default="bench_out/generate.json")
@@ -165,18 +185,23 @@ def main() -> None:
             engine2 = None  # the second engine: int8 weights, or the compiled decode step
             if v != "none":
                 lm2 = load_model(str(folder))
+                quant = v.split("+")[0] if v.startswith("int") else None
                 engine2 = Engine(lm2.model, lm2.tokenizer, options=EngineOptions(
-                    device="cpu", quantize="int8" if v == "int8" else None, compile=v == "compile"))
-            text = (SHARED / "wizard_of_oz.txt").read_text()[:4000] if (SHARED / "wizard_of_oz.txt").is_file() else "the cat sat " * 300
-            ids = torch.tensor([lm.tokenizer.encode(text)[:min(256, lm.model.cfg.max_seq_len)]])
-            ppl32 = ppl(engine.model, ids)
-            ppl2 = ppl(engine2.model, ids) if engine2 else float("nan")
+                    device="cpu", quantize=quant, compile="compile" in v))
+                print(f"{name}: second engine ({v}) decodes with {engine2.describe()}", flush=True)
+            text = (SHARED / "wizard_of_oz.txt").read_text()[:40000] if (SHARED / "wizard_of_oz.txt").is_file() else "the cat sat " * 3000
+            ids = torch.tensor([lm.tokenizer.encode(text)])
+            passages = [ids[:, a:a + n + 1] for a, n in ((0, 256), (256, 1024), (2000, 1024), (4000, 1024))
+                        if a + n < ids.shape[1] and n < lm.model.cfg.max_seq_len]
+            ppl32 = ppl(load_model(str(folder)).model, passages)  # the fp32 weights as loaded
+            ppl2 = ppl(engine2.model, passages) if engine2 else float("nan")
             hf = AutoModelForCausalLM.from_pretrained(export_hf(str(folder), work / "hf"), dtype=torch.float32).eval()
             prompt = list(range(3, 19))  # 16 prompt tokens
             n_params = engine.n_params
             # bytes streamed per token: the projections in the precision they run in (fp16 weights: 2 bytes)
             weight_bytes = n_params * (2 if "fp16 weights" in engine.weights else engine.dtype.itemsize)
             rate = read_rate(weight_bytes)
+            bytes2 = streamed_bytes(engine2) if engine2 and engine2.weights.startswith("int") else weight_bytes
             for batch in sorted({1, args.batch}):
                 prompts = [prompt] * batch
                 ours, ours2, theirs = [], [], []
@@ -187,6 +212,7 @@ def main() -> None:
                     theirs.append(time_hf(hf, prompts, args.new_tokens))
                 o, o2, t = statistics.median(ours), statistics.median(ours2), statistics.median(theirs)
                 limit = rate / weight_bytes * batch
+                limit2 = rate / bytes2 * batch
                 result["models"][f"{name}/b{batch}"] = {
                     "params_M": n_params / 1e6, "ours_tok_s": o, f"ours_{v}_tok_s": o2, "hf_tok_s": t, "ratio": o / t,
                     f"ratio_{v}": o2 / t, "weight_read_GBps": rate / 1e9, "bandwidth_limit_tok_s": limit,
@@ -202,14 +228,18 @@ def main() -> None:
                     line += f"; llama.cpp {lcpp:.1f} tok/s on {Path(args.smollm2_gguf).name} (ours {o / lcpp:.2f}x)"
                 row.append(lc)
                 if engine2:
-                    row += [f"{o2:.1f}", f"{o2 / t:.2f}x", f"{o2 / limit:.0%}", f"{(ppl2 - ppl32) / ppl32:+.2%}"]
+                    vs = f" ({o2 / lcpp:.2f}x)" if lc != "-" else ""
+                    row += [f"{o2:.1f}{vs}", f"{o2 / t:.2f}x", f"{o2 / limit2:.0%}", f"{(ppl2 - ppl32) / ppl32:+.2%}"]
+                    result["models"][f"{name}/b{batch}"].update(ppl_change=(ppl2 - ppl32) / ppl32,
+                                                                 variant_bandwidth_limit_tok_s=limit2)
                     line += f"; {v} {o2:.1f} tok/s ({o2 / t:.2f}x), ppl {ppl32:.3f} -> {ppl2:.3f}"
                 rows.append(row + [f"{rate / 1e9:.0f}"])
                 print(line, flush=True)
     header = ["model", "params", "batch", "llmgen tok/s", "transformers tok/s", "ratio", "% of limit",
               "llama.cpp tok/s (ours / it)"]
     if v != "none":
-        header += [f"llmgen {v} tok/s", f"ratio {v}", f"{v} % of limit", f"{v} ppl change"]
+        header += [f"llmgen {v} tok/s" + (" (ours / llama.cpp)" if args.llama_cpp_python else ""), f"ratio {v}",
+                   f"{v} % of limit", f"{v} ppl change"]
     report(args.out, result, header + ["weight read GB/s"], rows)
 
 

@@ -18,7 +18,7 @@ from llmgen.generate import sampling as S
 from llmgen.generate.engine import Engine, GenerationStats
 from llmgen.errors import LlmgenError
 from llmgen.generate.scheduler import IncrementalDecoder
-from llmgen.kernels import cpu_matmul, fp16_weights
+from llmgen.kernels import blockwise, cpu_matmul, fp16_weights
 from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
 
@@ -197,8 +197,13 @@ def test_cli_generate_json_and_stream(cli, ckpt):
                           "--quantize", "int8")
     assert code == 0 and "int8 weights" in err, err
     assert json.loads(out3)["completions"][0]["new_tokens"] >= 1
-    code, _, err = cli("generate", "Hello", "--model", ckpt, "--quantize", "int4")
-    assert code == 2 and "int4" in err
+    if blockwise.missing() is None:
+        code, out4, err = cli("generate", "Hello", "--model", ckpt, "-n", "12", "--temperature", "0", "--json",
+                              "--quantize", "int4")
+        assert code == 0 and "int4 weights (blocks of 32, int8 head)" in err, err
+        assert json.loads(out4)["completions"][0]["new_tokens"] >= 1
+    code, _, err = cli("generate", "Hello", "--model", ckpt, "--quantize", "int3")
+    assert code == 2 and "int3" in err
 
 
 def test_cli_generate_batch_file_resumes(cli, ckpt, tmp_path):
@@ -285,18 +290,21 @@ def test_compiled_step_runs_split_product_as_one_operator(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", ["none", "fp16"])
+@pytest.mark.parametrize("quantize", ["none", "fp16", "int4"])
 def test_compiled_decode_step_matches_eager(quantize):
     """generate.compile: the torch.compile'd decode steps (one row alone; several rows, each at its own
     position, with dynamic row and slot counts) give the eager engine's tokens, each in one graph (fp16
-    weights through the llmgen::fp16_linear operator). The fp16 case runs after the fp32 one in the
-    same process: each engine must compile its own graphs, not reuse another engine's."""
+    weights through the llmgen::fp16_linear operator, int4 blocks through llmgen_blockwise's). The fp16
+    case runs after the fp32 one in the same process: each engine must compile its own graphs, not reuse
+    another engine's."""
     import copy
 
     from torch._dynamo.utils import counters
 
     if quantize == "fp16" and not fp16_weights.available():
         pytest.skip("no FBGEMM fp16 product in this torch build")
+    if quantize == "int4" and blockwise.missing():
+        pytest.skip(blockwise.missing())
     torch.manual_seed(0)
     model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
                                     vocab_size=260))

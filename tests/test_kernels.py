@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from llmgen.config import ModelConfig, build_config
 from llmgen.errors import LlmgenError
-from llmgen.kernels import cpu_matmul, fp16_weights, fuse_projections, prepare_for_inference, quantize_int8
+from llmgen.kernels import (blockwise, cpu_matmul, fp16_weights, fuse_projections, prepare_for_inference,
+                            quantize_blockwise, quantize_int8)
+from llmgen.kernels.blockwise import BlockLinear, Split
 from llmgen.kernels.cpu_matmul import DecodeLinear, linear
 from llmgen.kernels.fp16_weights import Fp16Linear
 from llmgen.kernels.int8 import Int8Linear
@@ -84,9 +86,11 @@ def test_split_pays_probe_keeps_thread_count():
         cpu_matmul.split_pays.cache_clear()
 
 
-def test_int8_weights_track_fp32():
-    """Weight-only int8: each Linear computes x @ dequantised(W).T, the rounding error per weight is at
-    most half a step, and the whole network's logits stay close to fp32 (but not identical)."""
+def test_int8_weights_track_fp32(monkeypatch):
+    """Weight-only int8 through torch's kernel (CPUs without AVX2, GPUs): each Linear computes
+    x @ dequantised(W).T, the rounding error per weight is at most half a step, and the whole network's
+    logits stay close to fp32 (but not identical)."""
+    monkeypatch.setattr(blockwise, "missing", lambda: "this CPU's vector unit is DEFAULT")
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
     il = Int8Linear(lin)
@@ -99,7 +103,8 @@ def test_int8_weights_track_fp32():
     q = quantize_int8(copy.deepcopy(model))
     assert not any(type(m) is torch.nn.Linear for m in q.modules())
     q2 = copy.deepcopy(model)
-    assert prepare_for_inference(q2, "int8") == "int8 weights" and type(q2.lm_head) is Int8Linear
+    assert prepare_for_inference(q2, "int8") == "int8 weights (torch's weight-only kernel)"
+    assert type(q2.lm_head) is Int8Linear
     idx = torch.randint(0, 260, (2, 20))
     with torch.no_grad():
         a, b = model(idx), q(idx)
@@ -250,3 +255,93 @@ def test_perplexity_sized_batches_use_the_fp32_weights():
         small_got, small_want = fast(big[:2]), plain(big[:2])
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert (small_got - small_want).abs().max() > 10 * (got[:2] - want[:2]).abs().max()  # fp16 below it
+
+
+needs_blockwise = pytest.mark.skipif(blockwise.missing() is not None, reason=f"{blockwise.missing()}")
+
+
+def on_grid(out: int, inn: int) -> torch.Tensor:
+    """A weight every block of which int4 represents exactly: codes 0..15 (both ends used) times an fp16
+    scale plus an fp16 minimum."""
+    codes = torch.randint(0, 16, (out, inn // 32, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = (torch.rand(out, inn // 32, 1) * 0.01 + 1e-3).half().float()
+    m = (torch.randn(out, inn // 32, 1) * 0.05).half().float()
+    return (codes * d + m).reshape(out, inn)
+
+
+def rounded_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with every block of 32 rounded to int8 as the kernels round activations (scale = max |x| / 127)."""
+    blocks = x.reshape(-1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks * torch.where(d > 0, 1 / d, 0)) * d).reshape(x.shape)
+
+
+def test_blockwise_packs_round_trip():
+    torch.manual_seed(0)
+    w = on_grid(48, 128)
+    assert torch.equal(blockwise.unpack(blockwise.pack(w, 4)), w)  # a Q4_1 model imported from GGUF: lossless
+    w = torch.randn(40, 192)
+    blocks = w.reshape(40, 6, 32)
+    for bits, step in ((4, (blocks.amax(-1) - blocks.amin(-1)) / 15), (8, blocks.abs().amax(-1) / 127)):
+        err = (blockwise.unpack(blockwise.pack(w, bits)) - w).abs().reshape(40, 6, 32).amax(-1)
+        assert 0 < err.max() and (err <= step * 0.6).all()  # half a step, and the scale's rounding to fp16
+
+
+@needs_blockwise
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows,inn,out", [(1, 64, 8), (1, 576, 960), (3, 1536, 200), (40, 192, 33)])
+def test_blockwise_products_are_exact_for_their_rounding(bits, rows, inn, out):
+    """The kernels compute (activations rounded per block of 32) @ (the packed weight).T: equal to that
+    computed in fp32 by torch, up to the order of the sums; and a bias is added."""
+    blockwise.load()
+    torch.manual_seed(rows + inn)
+    w, x, b = torch.randn(out, inn) * 0.05, torch.randn(2, rows, inn), torch.randn(out)
+    layer = BlockLinear(blockwise.pack(w, bits), b, bits, inn)
+    with torch.no_grad():
+        got = layer(x)
+    want = rounded_rows(x) @ blockwise.unpack(blockwise.pack(w, bits)).T + b
+    assert got.shape == (2, rows, out)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    plain = x @ w.T + b
+    assert 0 < ((got - plain).norm() / plain.norm()).item() < (0.1 if bits == 4 else 0.02)
+
+
+@needs_blockwise
+def test_quantize_blockwise_fuses_and_tracks_fp32():
+    """int4 blocks with an int8 head: q/k/v and gate/up run as one product each, every projection is a
+    BlockLinear (no fp32 projection left, the embedding stays), each layer alone agrees with its slice of
+    the joined product, and the network's logits stay close to fp32."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                                    vocab_size=260)).eval()
+    q = copy.deepcopy(model)
+    assert prepare_for_inference(q, "int4") == "int4 weights (blocks of 32, int8 head)"
+    attn = q.blocks[0].attn
+    assert isinstance(attn.fused_qkv, Split) and isinstance(q.blocks[0].mlp.fused_gate_up, Split)
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    assert q.lm_head.bits == 8 and attn.wq.bits == 4 and q.tok_emb.weight.dtype == torch.float32
+    assert attn.wk.q.data_ptr() == attn.fused_qkv.whole.q.data_ptr() + attn.wq.q.numel()  # views, no copy
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        qq, kk, vv = attn.fused_qkv(x)
+        assert torch.equal(kk, attn.wk(x)) and torch.equal(vv, attn.wv(x))
+        idx = torch.randint(0, 260, (2, 20))
+        a, b = model(idx), q(idx)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.1
+
+
+def test_blockwise_says_why_it_cannot_run(monkeypatch):
+    model = Transformer(ModelConfig(preset=None, n_layer=1, n_head=2, d_model=64, max_seq_len=16, vocab_size=64))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert "AVX2" in blockwise.missing()
+    with pytest.raises(LlmgenError, match="int4/int8 on the CPU: this CPU's vector unit is DEFAULT"):
+        prepare_for_inference(model, "int4")
+    assert prepare_for_inference(model, "int8") == "int8 weights (torch's weight-only kernel)"
+    monkeypatch.undo()
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "no C++ compiler" in blockwise.missing()
+    with pytest.raises(LlmgenError, match="is bfloat16 on cpu"):
+        prepare_for_inference(model.to(torch.bfloat16), "int4")

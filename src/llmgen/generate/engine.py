@@ -83,6 +83,8 @@ class Engine:
         quantize = options.quantize
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype, self.dtype_why = choose_dtype(self.device, options.dtype)
+        if quantize in ("int4", "int8") and self.device.type == "cpu" and options.dtype == "auto":
+            dtype, self.dtype_why = torch.float32, f"the {quantize} kernels take fp32 activations"
         self.model = model.to(self.device, dtype=dtype).eval()
         self.n_params = model.num_params()
         # int8 weights, or q/k/v and gate/up as one matmul each, with fp16 weights where they pay

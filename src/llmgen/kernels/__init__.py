@@ -45,12 +45,14 @@ def quantize_blockwise(model: Transformer, bits: int) -> Transformer:
     a tied head keeps it). Layers wrapped by someone else (an unmerged LoRA adapter) and layers whose input
     features are not a multiple of 64 keep running themselves."""
     blockwise.load()
+    swapped = []
 
     def swap(parent: nn.Module, names: tuple[str, ...], bits: int):
         layers = [getattr(parent, n) for n in names]
         if not (plain(*layers) and all(blockwise.fits(m) for m in layers)):
             return None
         whole, parts = BlockLinear.joined(layers, bits)
+        swapped.append(whole)
         for n, part in zip(names, parts):
             setattr(parent, n, part)
         return Split(whole, parts)
@@ -62,6 +64,10 @@ def quantize_blockwise(model: Transformer, bits: int) -> Transformer:
         for parent, name in ((a, "wo"), (m, "w2")) + (() if m.gated else ((m, "w1"),)):
             swap(parent, (name,), bits)
     swap(model, ("lm_head",), 8)
+    if not swapped:
+        raise LlmgenError(f"--quantize int{bits}: no projection of this model can take blocks of 32 weights (their "
+                          f"input features must be a multiple of 64; d_model is {model.cfg.d_model}); use --quantize "
+                          f"fp16 or none")
     return model
 
 

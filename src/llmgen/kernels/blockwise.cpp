@@ -177,17 +177,19 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return shaped(y, x, N);
 }
 
-at::Tensor q4_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&, const at::Tensor&) {
-  auto shape = x.sizes().vec();
-  shape.back() = q.size(0);
-  return at::empty(shape, x.options());
+// Shapes only (torch.compile traces with these): symbolic sizes kept symbolic, so a dynamic row count
+// stays dynamic.
+at::Tensor meta_like(const at::Tensor& x, const at::Tensor& q) {
+  auto shape = x.sym_sizes().vec();
+  shape.back() = q.sym_size(0);
+  return at::empty_symint(shape, x.options());
 }
 
-at::Tensor q8_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&) {
-  auto shape = x.sizes().vec();
-  shape.back() = q.size(0);
-  return at::empty(shape, x.options());
+at::Tensor q4_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&, const at::Tensor&) {
+  return meta_like(x, q);
 }
+
+at::Tensor q8_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&) { return meta_like(x, q); }
 
 }  // namespace
 

@@ -51,12 +51,16 @@ def _cache() -> Path:
     return base / "kernels" / f"blockwise-{digest}"
 
 
-@functools.lru_cache(maxsize=None)
 def load() -> None:
     """Build (first use on a machine) and load the kernels; LlmgenError with the reason where they cannot."""
     why = missing()
     if why:
         raise LlmgenError(f"--quantize int4/int8 on the CPU: {why}; use --quantize fp16 or none")
+    _build()
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> None:
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
     build = _cache()
