@@ -128,14 +128,18 @@ def ppl(model, passages: list[torch.Tensor]) -> float:
 
 
 def streamed_bytes(engine: Engine) -> int:
-    """The bytes a decode step reads from the weights of a quantized engine: its blocks (each stored once:
-    the per-layer views of a joined product are not counted again) and the layers left in fp32."""
+    """The bytes a decode step reads from the weights of a quantized engine: its blocks (each storage once:
+    the layers are views of their joined products) and the layers left in fp32."""
     from llmgen.kernels.blockwise import BlockLinear
 
-    total = 0
+    total, seen = 0, set()
     for m in engine.model.modules():
-        if isinstance(m, BlockLinear) and m.q._base is None:
-            total += sum(b.numel() * b.element_size() for b in m.buffers())
+        if isinstance(m, BlockLinear):
+            for b in m.buffers():
+                storage = b.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
         elif hasattr(m, "weight_int8"):  # torch's int8 weight-only layers (CPUs without AVX2)
             total += m.weight_int8.numel() + m.scales.numel() * m.scales.element_size()
         elif type(m) is torch.nn.Linear:

@@ -345,3 +345,24 @@ def test_blockwise_says_why_it_cannot_run(monkeypatch):
     assert "no C++ compiler" in blockwise.missing()
     with pytest.raises(LlmgenError, match="is bfloat16 on cpu"):
         prepare_for_inference(model.to(torch.bfloat16), "int4")
+
+
+@needs_blockwise
+@pytest.mark.parametrize("nh,nkv,slots", [(4, 2, 37), (9, 3, 256), (2, 2, 8)])
+def test_decode_attention_equals_attend(nh, nkv, slots):
+    """One new token per row over cache views (strided, as the scheduler passes them), with and without a
+    mask that hides padding and future slots: the kernel gives transformer.attend's result; other shapes
+    (prefill) go to attend itself."""
+    blockwise.load()
+    from llmgen.model.transformer import attend
+
+    torch.manual_seed(slots)
+    q = torch.randn(3, nh, 1, 64)
+    k, v = (torch.randn(4, nkv, slots + 5, 64)[:3, :, :slots] for _ in range(2))
+    mask = torch.rand(3, 1, 1, slots) > 0.3
+    mask[:, ..., 0] = True
+    for m in (mask, None):
+        got = blockwise.decode_attend(q, k, v, m, 0.0)
+        assert torch.allclose(got, attend(q, k, v, m, 0.0), atol=1e-5)
+    q3 = torch.randn(3, nh, 4, 64)
+    assert torch.equal(blockwise.decode_attend(q3, k, v, None, 0.0), attend(q3, k, v, None, 0.0))

@@ -59,6 +59,7 @@ def quantize_blockwise(model: Transformer, bits: int) -> Transformer:
 
     for block in model.blocks:
         a, m = block.attn, block.mlp
+        a.attend = blockwise.decode_attend
         a.fused_qkv = swap(a, ("wq", "wk", "wv"), bits)
         m.fused_gate_up = swap(m, ("w1", "w3"), bits) if m.gated else None
         for parent, name in ((a, "wo"), (m, "w2")) + (() if m.gated else ((m, "w1"),)):

@@ -132,13 +132,29 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
       const int8_t* ar = ap + r * K;
       const float mins = scales(dp + n * nb, mp + n * nb, dap + r * nb, sap + r * nb, nb, s);
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; b += 2) {  // two blocks per 32 bytes of codes
+      int64_t b = 0;
+      for (; b + 4 <= nb; b += 4) {
+        // four blocks: their 16-bit pair sums (at most 2 * 15 * 127 each) added pairwise twice stay within
+        // 16 bits, so one vpmaddwd and one multiply-add serve four blocks; lane j of each half ends up
+        // holding block b + j, whose scale s[b + j] is broadcast to both halves
+        const __m256i c0 = _mm256_loadu_si256((const __m256i*)(row + b * 16));
+        const __m256i c1 = _mm256_loadu_si256((const __m256i*)(row + b * 16 + 32));
+        const __m256i p0 = _mm256_maddubs_epi16(_mm256_and_si256(c0, low), _mm256_loadu_si256((const __m256i*)(ar + b * B)));
+        const __m256i p1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c0, 4), low),
+                                                _mm256_loadu_si256((const __m256i*)(ar + b * B + B)));
+        const __m256i p2 = _mm256_maddubs_epi16(_mm256_and_si256(c1, low), _mm256_loadu_si256((const __m256i*)(ar + b * B + 2 * B)));
+        const __m256i p3 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c1, 4), low),
+                                                _mm256_loadu_si256((const __m256i*)(ar + b * B + 3 * B)));
+        const __m256i sums = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3)),
+                                               _mm256_set1_epi16(1));
+        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128*)(s + b)), _mm256_cvtepi32_ps(sums), acc0);
+      }
+      for (; b < nb; b += 2) {  // the last two blocks (a row of 18, 2 x 9 pairs of blocks)
         const __m256i codes = _mm256_loadu_si256((const __m256i*)(row + b * 16));
-        const __m256i q0 = _mm256_and_si256(codes, low);
-        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low);
-        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b), dot_u8s8(q0, _mm256_loadu_si256((const __m256i*)(ar + b * B))), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b + 1),
-                               dot_u8s8(q1, _mm256_loadu_si256((const __m256i*)(ar + b * B + B))), acc1);
+        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b), dot_u8s8(_mm256_and_si256(codes, low),
+                               _mm256_loadu_si256((const __m256i*)(ar + b * B))), acc1);
+        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b + 1), dot_u8s8(_mm256_and_si256(_mm256_srli_epi16(codes, 4), low),
+                               _mm256_loadu_si256((const __m256i*)(ar + b * B + B))), acc1);
       }
       yp[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + mins;
     }
@@ -177,6 +193,69 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return shaped(y, x, N);
 }
 
+// Attention of one new token per row over its cached keys and values, for decoding: q (B, H, G, D) are
+// the G query heads that share each of the H key/value heads, k and v (B, H, S, D) the cache (any strides
+// but the last), mask (B, 1, 1, S) True where a slot may be attended (None: every slot). torch's CPU
+// attention kernel spends ~35 us a call on its blocking for a query this small; this is a plain loop.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat);
+  TORCH_CHECK(k.stride(-1) == 1 && v.stride(-1) == 1 && q.size(-1) % 8 == 0);
+  const at::Tensor qc = q.contiguous();
+  const int64_t Bn = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = k.size(2);
+  at::Tensor out = at::empty_like(qc);
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool* mp = nullptr;
+  int64_t mb = 0, ms = 0;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->size(-1) == S);
+    mp = mask->data_ptr<bool>();
+    mb = mask->size(0) == 1 ? 0 : mask->stride(0);
+    ms = mask->stride(-1);
+  }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, Bn * H * G, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> p(S);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / (H * G), h = (u / G) % H;
+      const float* qr = qp + u * D;
+      const float* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + h * v.stride(1);
+      const bool* mr = mp ? mp + b * mb : nullptr;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (mr && !mr[s * ms]) {
+          p[s] = -INFINITY;
+          continue;
+        }
+        const float* kr = kb + s * k.stride(2);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), acc);
+        p[s] = hsum(acc) * scale;
+        top = std::max(top, p[s]);
+      }
+      float* o = op + u * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      if (top == -INFINITY) continue;  // nothing to attend to
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (p[s] == -INFINITY) continue;
+        const float w = std::exp(p[s] - top);
+        total += w;
+        const float* vr = vb + s * v.stride(2);
+        const __m256 wv = _mm256_set1_ps(w);
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(o + d)));
+      }
+      const __m256 inv = _mm256_set1_ps(1.f / total);
+      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(inv, _mm256_loadu_ps(o + d)));
+    }
+  });
+  return out;
+}
+
 // Shapes only (torch.compile traces with these): symbolic sizes kept symbolic, so a dynamic row count
 // stays dynamic.
 at::Tensor meta_like(const at::Tensor& x, const at::Tensor& q) {
@@ -191,19 +270,26 @@ at::Tensor q4_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&, 
 
 at::Tensor q8_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&) { return meta_like(x, q); }
 
+at::Tensor attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&) {
+  return at::empty_symint(q.sym_sizes(), q.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmgen_blockwise, lib) {
   lib.def("q4_linear(Tensor x, Tensor q, Tensor d, Tensor m) -> Tensor");
   lib.def("q8_linear(Tensor x, Tensor q, Tensor d) -> Tensor");
+  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmgen_blockwise, CPU, lib) {
   lib.impl("q4_linear", q4_linear);
   lib.impl("q8_linear", q8_linear);
+  lib.impl("decode_attention", decode_attention);
 }
 
 TORCH_LIBRARY_IMPL(llmgen_blockwise, Meta, lib) {
   lib.impl("q4_linear", q4_meta);
   lib.impl("q8_linear", q8_meta);
+  lib.impl("decode_attention", attention_meta);
 }

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from llmgen.errors import LlmgenError
+from llmgen.model.transformer import attend
 
 BLOCK = 32
 SOURCE = Path(__file__).with_name("blockwise.cpp")
@@ -163,3 +164,16 @@ class Split:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.whole(x).split(self.sizes, dim=-1)
+
+
+def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                  p: float) -> torch.Tensor:
+    """transformer.attend, with one new token per row (decoding, fp32 on the CPU) through
+    `llmgen_blockwise::decode_attention` (torch's CPU attention kernel costs ~35 us a call at that size,
+    1 ms of a SmolLM2 step over 30 layers); anything else through transformer.attend."""
+    B, nh, T, hs = q.shape
+    if T != 1 or p or q.dtype != torch.float32 or q.device.type != "cpu" or hs % 8:
+        return attend(q, k, v, mask, p)
+    nkv = k.shape[1]
+    y = torch.ops.llmgen_blockwise.decode_attention(q.reshape(B, nkv, nh // nkv, hs), k, v, mask)
+    return y.reshape(B, nh, 1, hs)

@@ -92,6 +92,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_size, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.fused_qkv = None  # kernels.fuse_projections: q, k and v from one matmul
+        self.attend = attend  # kernels.quantize_blockwise: a decoding attention kernel
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: Optional[KVCache] = None,
                 pos: Union[int, torch.Tensor] = 0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, S, hs)
-        y = attend(q, k, v, mask, self.resid_drop.p if self.training else 0.0)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, mask, self.resid_drop.p if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)  # (B, T, C)
         return dropout(self.resid_drop, self.wo(y))
 
