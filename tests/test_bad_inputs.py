@@ -142,7 +142,7 @@ GENERATE_CASES = [  # (extra args, words)
     (["Hi", "--top-p", "nan"], ["generate.top_p", "finite"]),
     (["Hi", "--top-p", "1.5"], ["generate.top_p", "out of range"]),
     (["Hi", "--repetition-penalty", "inf"], ["generate.repetition_penalty", "finite"]),
-    (["Hi", "--quantize", "int4"], ["generate.quantize", "int4"]),
+    (["Hi", "--quantize", "int2"], ["generate.quantize", "int2"]),
     (["Hi", "--num-beams", "2", "--top-k", "5"], ["beam search is deterministic"]),
     (["Hi", "--num-beams", "2", "--num-return-sequences", "3"], ["exceeds num_beams"]),
     (["Hi", "--temperature", "0", "--num-return-sequences", "2"], ["same text every time"]),

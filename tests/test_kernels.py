@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from llmgen.config import ModelConfig, build_config
 from llmgen.errors import LlmgenError
 from llmgen.kernels import (blockwise, cpu_matmul, fp16_weights, fuse_projections, prepare_for_inference,
-                            quantize_blockwise, quantize_int8)
+                            quantize_int8)
 from llmgen.kernels.blockwise import BlockLinear, Split
 from llmgen.kernels.cpu_matmul import DecodeLinear, linear
 from llmgen.kernels.fp16_weights import Fp16Linear
 from llmgen.kernels.int8 import Int8Linear
 from llmgen.model.kv_cache import KVCache
-from llmgen.model.transformer import Transformer
+from llmgen.model.transformer import Transformer, attend
 
 
 @pytest.mark.parametrize("rows,bias,inn,threads", [(1, False, 384, 2), (8, True, 384, 2), (3, False, 384, 2),
@@ -354,8 +354,6 @@ def test_decode_attention_equals_attend(nh, nkv, slots):
     mask that hides padding and future slots: the kernel gives transformer.attend's result; other shapes
     (prefill) go to attend itself."""
     blockwise.load()
-    from llmgen.model.transformer import attend
-
     torch.manual_seed(slots)
     q = torch.randn(3, nh, 1, 64)
     k, v = (torch.randn(4, nkv, slots + 5, 64)[:3, :, :slots] for _ in range(2))
