@@ -5,8 +5,10 @@
 //   q4: 4-bit codes 0..15 with a scale d and a minimum m per block (w = q * d + m), two blocks per 32 bytes
 //       (byte j: weight j of the first block in the low half, weight j of the second in the high half);
 //   q8: signed 8-bit codes with a scale d per block (w = q * d).
-// The activations are cut the same way and rounded to int8 with one scale per block, so a block's dot
-// product is 32 integer multiply-adds (vpmaddubsw + vpmaddwd) and one fp32 multiply-add by the two scales.
+// For q4 the activations are cut the same way and rounded to int8 with one scale per block, so a block's
+// dot product is 32 integer multiply-adds (vpmaddubsw + vpmaddwd) and one fp32 multiply-add by the two
+// scales (q4 is bound by arithmetic: widening its codes to fp32 would about double it). q8 is bound by memory:
+// its codes are widened to fp32 in registers and multiply the activations as they are (weight-only).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -93,21 +95,19 @@ void each_row(int64_t N, int64_t nb, Body body) {
   });
 }
 
-// d (and m): nb fp16 values of one weight row; da (and sa): the activation row's; writes s = d * da
-// and returns sum(m * sa) (0 without m).
+// d, m: nb fp16 scales and minimums of one weight row; da, sa: the activation row's scales and scaled code
+// sums. Writes s = d * da and returns sum(m * sa).
 inline float scales(const uint16_t* d, const uint16_t* m, const float* da, const float* sa, int64_t nb, float* s) {
   __m256 macc = _mm256_setzero_ps();
-  float mins = 0.f;
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8) {
-    _mm256_storeu_ps(s + b, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b))),
-                                          _mm256_loadu_ps(da + b)));
-    if (m) macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + b))), _mm256_loadu_ps(sa + b), macc);
+    _mm256_storeu_ps(s + b, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b))), _mm256_loadu_ps(da + b)));
+    macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + b))), _mm256_loadu_ps(sa + b), macc);
   }
-  if (m) mins = hsum(macc);
+  float mins = hsum(macc);
   for (; b < nb; ++b) {
     s[b] = _cvtsh_ss(d[b]) * da[b];
-    if (m) mins += _cvtsh_ss(m[b]) * sa[b];
+    mins += _cvtsh_ss(m[b]) * sa[b];
   }
   return mins;
 }
@@ -162,30 +162,34 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return shaped(y, x, N);
 }
 
+// int8 blocks times fp32 activations (no rounding of the activations): each group of 8 codes widened to
+// fp32 in registers, a block's products summed, then scaled by the block's d.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d) {
   const int64_t N = q.size(0), K = q.size(1), nb = K / B;
   const at::Tensor x2 = checked_rows(x, K);
   const int64_t M = x2.size(0);
-  const Quantized& a = quantize_rows(x2);
   at::Tensor y = at::empty({M, N}, x2.options());
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-  const int8_t* ap = a.qa.data();
-  const float* dap = a.da.data();
+  const float* xp = x2.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   each_row(N, nb, [&](int64_t n, float* s) {
     const int8_t* row = qp + n * K;
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) _mm256_storeu_ps(s + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dp + n * nb + b))));
+    for (; b < nb; ++b) s[b] = _cvtsh_ss(dp[n * nb + b]);
     for (int64_t r = 0; r < M; ++r) {
-      const int8_t* ar = ap + r * K;
-      scales(dp + n * nb, nullptr, dap + r * nb, nullptr, nb, s);
+      const float* xr = xp + r * K;
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; b += 2) {  // |w| times a with w's sign: vpmaddubsw wants one unsigned side
-        const __m256i w0 = _mm256_loadu_si256((const __m256i*)(row + b * B));
-        const __m256i w1 = _mm256_loadu_si256((const __m256i*)(row + b * B + B));
-        const __m256i a0 = _mm256_loadu_si256((const __m256i*)(ar + b * B));
-        const __m256i a1 = _mm256_loadu_si256((const __m256i*)(ar + b * B + B));
-        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b), dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(a0, w0)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b + 1), dot_u8s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(a1, w1)), acc1);
+      for (b = 0; b < nb; ++b) {
+        const int8_t* w = row + b * B;
+        const float* a = xr + b * B;
+        auto widened = [&](int i) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + i)))); };
+        const __m256 p0 = _mm256_fmadd_ps(widened(16), _mm256_loadu_ps(a + 16), _mm256_mul_ps(widened(0), _mm256_loadu_ps(a)));
+        const __m256 p1 = _mm256_fmadd_ps(widened(24), _mm256_loadu_ps(a + 24), _mm256_mul_ps(widened(8), _mm256_loadu_ps(a + 8)));
+        const __m256 sb = _mm256_broadcast_ss(s + b);
+        acc0 = _mm256_fmadd_ps(sb, p0, acc0);
+        acc1 = _mm256_fmadd_ps(sb, p1, acc1);
       }
       yp[r * N + n] = hsum(_mm256_add_ps(acc0, acc1));
     }

@@ -9,10 +9,12 @@ first use on a machine (~10 s, cached under ~/.cache/llmgen/kernels) and registe
 
 The formats are the ones llama.cpp made common: blocks of 32 weights along the input features, each
 with an fp16 scale; int4 keeps codes 0..15 and a per-block minimum (0.625 bytes a weight, GGUF's
-Q4_1), int8 signed codes (1.06 bytes a weight, Q8_0). The activations are rounded to int8 per block of
-32 at run time and the products run on integer multiply-adds. `--quantize int4` keeps the output head
-in int8 (as llama.cpp's Q4 files keep the embedding in Q8_0): one 49,152-row head in 4 bits costs a
-small model far more quality than all its blocks do.
+Q4_1), int8 signed codes (1.06 bytes a weight, Q8_0). int4 products round the activations to int8 per
+block of 32 at run time and run on integer multiply-adds (as llama.cpp does; its arithmetic is what
+bounds it); int8 products are weight-only, the codes widened to fp32 in registers (bound by memory, as
+fast as the integer form and without rounding the activations). `--quantize int4` keeps the output
+head in int8 (as llama.cpp's Q4 files keep the embedding in Q8_0): one 49,152-row head in 4 bits costs
+a small model far more quality than all its blocks do.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def pack(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
 
 
 def unpack(p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 weight a pack stands for (what the kernels multiply by, up to the activations' rounding)."""
+    """The fp32 weight a pack stands for (what the kernels multiply by; int4 also rounds the activations)."""
     d = p["d"].float()[..., None]
     if "m" not in p:
         out, inn = p["q"].shape
