@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -178,21 +179,29 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) _mm256_storeu_ps(s + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dp + n * nb + b))));
     for (; b < nb; ++b) s[b] = _cvtsh_ss(dp[n * nb + b]);
-    for (int64_t r = 0; r < M; ++r) {
-      const float* xr = xp + r * K;
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      for (b = 0; b < nb; ++b) {
+    // R activation rows at a time against this weight row: each block's codes are widened once for all R
+    auto rows = [&](int64_t r0, auto R_) {
+      constexpr int R = decltype(R_)::value;
+      __m256 acc[R][2];
+      for (int j = 0; j < R; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
         const int8_t* w = row + b * B;
-        const float* a = xr + b * B;
-        auto widened = [&](int i) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + i)))); };
-        const __m256 p0 = _mm256_fmadd_ps(widened(16), _mm256_loadu_ps(a + 16), _mm256_mul_ps(widened(0), _mm256_loadu_ps(a)));
-        const __m256 p1 = _mm256_fmadd_ps(widened(24), _mm256_loadu_ps(a + 24), _mm256_mul_ps(widened(8), _mm256_loadu_ps(a + 8)));
+        __m256 wf[4];
+        for (int i = 0; i < 4; ++i) wf[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + 8 * i))));
         const __m256 sb = _mm256_broadcast_ss(s + b);
-        acc0 = _mm256_fmadd_ps(sb, p0, acc0);
-        acc1 = _mm256_fmadd_ps(sb, p1, acc1);
+        for (int j = 0; j < R; ++j) {
+          const float* a = xp + (r0 + j) * K + b * B;
+          const __m256 p0 = _mm256_fmadd_ps(wf[2], _mm256_loadu_ps(a + 16), _mm256_mul_ps(wf[0], _mm256_loadu_ps(a)));
+          const __m256 p1 = _mm256_fmadd_ps(wf[3], _mm256_loadu_ps(a + 24), _mm256_mul_ps(wf[1], _mm256_loadu_ps(a + 8)));
+          acc[j][0] = _mm256_fmadd_ps(sb, p0, acc[j][0]);
+          acc[j][1] = _mm256_fmadd_ps(sb, p1, acc[j][1]);
+        }
       }
-      yp[r * N + n] = hsum(_mm256_add_ps(acc0, acc1));
-    }
+      for (int j = 0; j < R; ++j) yp[(r0 + j) * N + n] = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+    };
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) rows(r, std::integral_constant<int, 4>());
+    for (; r < M; ++r) rows(r, std::integral_constant<int, 1>());
   });
   return shaped(y, x, N);
 }
