@@ -290,11 +290,11 @@ def test_blockwise_packs_round_trip():
 
 @needs_blockwise
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows,inn,out", [(1, 64, 8), (1, 576, 960), (3, 1536, 200), (40, 192, 33)])
+@pytest.mark.parametrize("rows,inn,out", [(1, 64, 8), (1, 576, 960), (3, 1536, 200), (20, 192, 33), (70, 576, 96)])
 def test_blockwise_products_are_exact_for_their_rounding(bits, rows, inn, out):
     """The kernels compute x @ (the packed weight).T, int4 with the activations rounded to int8 per block of
     32 (int8 takes them as they are): equal to that computed in fp32 by torch, up to the order of the
-    sums; and a bias is added."""
+    sums, also where many rows (2 x 70) go through BLAS on the widened weight; and a bias is added."""
     blockwise.load()
     torch.manual_seed(rows + inn)
     w, x, b = torch.randn(out, inn) * 0.05, torch.randn(2, rows, inn), torch.randn(out)
