@@ -1,6 +1,9 @@
 """Each speed path in llmgen.kernels equals the plain network it replaces."""
 
 import copy
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -365,3 +368,21 @@ def test_decode_attention_equals_attend(nh, nkv, slots):
         assert torch.allclose(got, attend(q, k, v, m, 0.0), atol=1e-5)
     q3 = torch.randn(3, nh, 4, 64)
     assert torch.equal(blockwise.decode_attend(q3, k, v, None, 0.0), attend(q3, k, v, None, 0.0))
+
+
+@needs_blockwise
+def test_a_failed_kernel_build_says_why_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A build that fails (here: a compiler that always fails) is one LlmgenError, and leaves no half-built
+    folder (or lock) for the next run to wait on; the next build in the same place succeeds."""
+    monkeypatch.setenv("LLMGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("false"))
+    blockwise._build.cache_clear()
+    try:
+        with pytest.raises(LlmgenError, match="could not build the int4/int8 kernels"):
+            blockwise.load()
+        assert not list((tmp_path / "kernels").iterdir())
+        monkeypatch.delenv("CXX")  # a process of its own: this one has the library loaded from elsewhere
+        subprocess.run([sys.executable, "-c", "from llmgen.kernels import blockwise; blockwise.load()"], check=True)
+        assert [p.name for p in (tmp_path / "kernels").iterdir()] == [blockwise._cache().name]
+    finally:
+        blockwise._build.cache_clear()

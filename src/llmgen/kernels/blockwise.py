@@ -25,6 +25,7 @@ import hashlib
 import io
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -64,26 +65,36 @@ def load() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _build() -> None:
+    """Load the built library, building it first where this source and torch have none yet. A build runs in
+    a folder of its own and is renamed into place when done, so a build stopped half-way (Ctrl-C, kill -9)
+    leaves no lock or half-written library behind for the next run to trip on."""
+    build = _cache()
+    library = build / "llmgen_blockwise.so"
+    if library.exists():
+        torch.ops.load_library(str(library))
+        return
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
-    build = _cache()
-    built = (build / "llmgen_blockwise.so").exists()
-    if not built:
-        print("building the int4/int8 kernels for this CPU (once, ~10 s) ...", file=sys.stderr, flush=True)
-    build.mkdir(parents=True, exist_ok=True)
+    print("building the int4/int8 kernels for this CPU (once, ~10 s) ...", file=sys.stderr, flush=True)
+    work = build.with_name(f"{build.name}.building-{os.getpid()}")
+    work.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(ImportError):  # the ninja wheel's binary, where the venv's bin is not on PATH
         import ninja
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
-            cpp_extension.load(name="llmgen_blockwise", sources=[str(SOURCE)], build_directory=str(build),
+        with contextlib.redirect_stdout(io.StringIO()):
+            cpp_extension.load(name="llmgen_blockwise", sources=[str(SOURCE)], build_directory=str(work),
                                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                                is_python_module=False, verbose=False)
-    except (RuntimeError, OSError, ImportError) as e:
-        raise LlmgenError(f"could not build the int4/int8 kernels in {build}: {str(e).strip().splitlines()[-1]}; "
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:  # compiler missing or failing
+        shutil.rmtree(work, ignore_errors=True)
+        raise LlmgenError(f"could not build the int4/int8 kernels in {work}: {str(e).strip().splitlines()[-1]}; "
                           f"use --quantize fp16 or none") from None
+    try:
+        work.rename(build)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def pack(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
