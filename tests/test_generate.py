@@ -387,12 +387,17 @@ def test_generate_cli_reports_the_compile_plan(cli, ckpt):
 
 @pytest.mark.slow
 def test_compiled_long_row_keeps_one_graph_to_the_end_of_its_cache():
-    """A long row (more than SHORT_ROW slots) decodes with one graph whose slot count is dynamic; the
-    cache keeps a spare slot, so the last bucket (a view of every slot) does not recompile."""
+    """A long row (more than SHORT_ROW slots) decodes with one graph whose slot count is dynamic (the whole
+    cache goes in, written in place), up to the last bucket, and gives the eager engine's tokens."""
+    import copy
+
     model = tiny_model(max_seq_len=1024)
-    eng = Engine(model, bytes_tokenizer(), options=EngineOptions(device="cpu", quantize="none", compile=True))
+    eng = Engine(copy.deepcopy(model), bytes_tokenizer(),
+                 options=EngineOptions(device="cpu", quantize="none", compile=True))
     p = GenerateConfig(max_new_tokens=900, temperature=0.0, ignore_eos=True)
     result = eng.generate(["Hi"], p)
     assert len(result[0][0].tokens) == 900 and result.stats.compile_s > 0
+    eager = Engine(model, bytes_tokenizer(), options=EngineOptions(device="cpu", quantize="none", compile=False))
+    assert result[0][0].tokens == eager.generate(["Hi"], p)[0][0].tokens
     step = eng._compiled._torchdynamo_orig_callable
     assert len(_debug_get_cache_entry_list(step.__code__)) == 1  # slots 256, 512, 768, 1024: one graph

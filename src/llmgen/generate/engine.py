@@ -317,8 +317,14 @@ class Engine:
         """One decode step over the whole fixed-size cache (the compiled path): tok (B,) the newest
         tokens, pos (1,) the slot they go to, valid (B, S) the slots holding real tokens (False for
         left padding), pad (B,) each row's padding. The mask and positions are made inside the graph."""
-        seen = torch.arange(valid.shape[1], device=pos.device) <= pos  # (S,)
+        S = valid.shape[1]
+        seen = torch.arange(S, device=pos.device) <= pos  # (S,)
         mask = (valid & seen)[:, None, None]  # (B, 1, 1, S)
+        if cache.k[0].shape[2] > S:  # a long row: the whole cache, of which the first S slots are seen; written
+            # per row (in place into the whole tensor), row 0 being the one decoding
+            torch._check(S <= cache.k[0].shape[2])
+            return self._logits(tok[:, None], KVCache(cache.k, cache.v, seen=S), pos[None, :], mask,
+                                (pos - pad)[:, None])
         return self._logits(tok[:, None], cache, pos, mask, (pos - pad)[:, None])
 
     def _rows_step(self, tok, cache, pos) -> torch.Tensor:

@@ -305,17 +305,25 @@ class Scheduler:
         eng = self.engine
         long_row = self.max_len > SHORT_ROW
         size = self._slots(pos) if long_row else self.max_len
-        row = self._view(1, size, dynamic_rows=False, dynamic_slots=long_row)
         valid = torch.ones(1, size, dtype=torch.bool, device=eng.device)
-        if long_row:
+        if long_row:  # the whole cache goes in, the slot count seen is `valid`'s (dynamic) length: written in
+            # place, where a view of the slots would be copied whole into the cache after every step (~1 ms)
             torch._dynamo.mark_dynamic(valid, 1)
+            row = self.cache
+        else:
+            row = self._view(1, size)
         return self._timed((1, self.max_len), eng._compiled, tok, row, pos, valid,
                            torch.zeros(1, dtype=torch.long, device=eng.device))
 
     def _compiled_rows(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Several rows: the engine's compiled step over the decoding rows and the slots they use, both
-        dynamic dimensions: one graph for every batch."""
-        rows = self._view(tok.shape[0], self._slots(pos), dynamic_rows=True, dynamic_slots=True)
+        dynamic dimensions: one graph for every batch. (The rows are views of the cache, which the graph
+        copies whole into the cache after each step; passing the whole cache instead specialized the row
+        and slot counts where they equal the cache's: not done yet.)"""
+        rows = self._view(tok.shape[0], self._slots(pos))
+        for t in (*rows.k, *rows.v):  # (rows, n_kv_head, slots, head_size)
+            torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(t, 2)
         torch._dynamo.mark_dynamic(tok, 0)
         torch._dynamo.mark_dynamic(pos, 0)
         return self._timed(("rows", self.max_len), self.engine._compiled_rows, tok, rows, pos)
@@ -325,15 +333,9 @@ class Scheduler:
         multiple of 256 (few sizes; a dynamic dimension in the compiled steps)."""
         return min(self.max_len, (int(pos.max()) // 256 + 1) * 256)
 
-    def _view(self, rows: int, slots: int, dynamic_rows: bool, dynamic_slots: bool) -> KVCache:
-        """The cache's first `rows` rows and `slots` slots, marked as dynamic dimensions where asked."""
-        view = KVCache([k[:rows, :, :slots] for k in self.cache.k], [v[:rows, :, :slots] for v in self.cache.v])
-        for t in (*view.k, *view.v):  # (rows, n_kv_head, slots, head_size)
-            if dynamic_rows:
-                torch._dynamo.mark_dynamic(t, 0)
-            if dynamic_slots:
-                torch._dynamo.mark_dynamic(t, 2)
-        return view
+    def _view(self, rows: int, slots: int) -> KVCache:
+        """The cache's first `rows` rows and `slots` slots."""
+        return KVCache([k[:rows, :, :slots] for k in self.cache.k], [v[:rows, :, :slots] for v in self.cache.v])
 
     def _timed(self, shape: tuple, step: Callable, *args) -> torch.Tensor:
         """Run a compiled step; its first call for `shape` compiles (`_decode` counts that step's time, the
