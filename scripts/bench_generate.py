@@ -40,6 +40,7 @@ from llmgen.data.tokenizer import bytes_tokenizer, train_bpe
 from llmgen.generate.engine import Engine, GenerationStats
 from llmgen.generate.scheduler import Request
 from llmgen.interop.export import export_hf
+from llmgen.kernels.blockwise import BlockLinear
 from llmgen.interop.hf import import_model
 from llmgen.interop.load import load_model
 from llmgen.model.checkpoint import save_checkpoint
@@ -130,8 +131,6 @@ def ppl(model, passages: list[torch.Tensor]) -> float:
 def streamed_bytes(engine: Engine) -> int:
     """The bytes a decode step reads from the weights of a quantized engine: its blocks (each storage once:
     the layers are views of their joined products) and the layers left in fp32."""
-    from llmgen.kernels.blockwise import BlockLinear
-
     total, seen = 0, set()
     for m in engine.model.modules():
         if isinstance(m, BlockLinear):

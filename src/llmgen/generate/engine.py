@@ -322,7 +322,6 @@ class Engine:
         mask = (valid & seen)[:, None, None]  # (B, 1, 1, S)
         if cache.k[0].shape[2] > S:  # a long row: the whole cache, of which the first S slots are seen; written
             # per row (in place into the whole tensor), row 0 being the one decoding
-            torch._check(S <= cache.k[0].shape[2])
             return self._logits(tok[:, None], KVCache(cache.k, cache.v, seen=S), pos[None, :], mask,
                                 (pos - pad)[:, None])
         return self._logits(tok[:, None], cache, pos, mask, (pos - pad)[:, None])

@@ -228,9 +228,9 @@ class Scheduler:
 
     def _admit(self, req: Request) -> None:
         eng = self.engine
-        if self.cache is None:  # long rows get one slot spare: their compiled step sees views of up to max_len
-            # slots, and a view of the whole tensor (contiguous: a new stride relation) would fail a guard and
-            # recompile mid-run; a short row's fixed-shape step takes the whole, contiguous tensor (faster)
+        if self.cache is None:  # long rows get one slot spare: the compiled step of several rows sees views of up
+            # to max_len slots, and a view of the whole tensor (contiguous: a new stride relation) would fail a guard
+            # and recompile mid-run; the one-row steps take the whole tensor (long rows: seeing its first slots)
             spare = int(self.max_len > SHORT_ROW)
             self.cache = KVCache.allocate(eng.cfg, self.max_batch, self.max_len + spare, eng.device, eng.dtype)
         req.gen = torch.Generator(device=eng.device)
