@@ -1,6 +1,9 @@
 """Each speed path in llmgen.kernels equals the plain network it replaces."""
 
+import contextlib
 import copy
+import io
+import json
 import shutil
 import subprocess
 import sys
@@ -9,16 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmgen.config import ModelConfig, build_config
+from llmgen.config import ModelConfig, build_config, load_config
+from llmgen.data.shards import WindowSampler
+from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.errors import LlmgenError
 from llmgen.kernels import (blockwise, cpu_matmul, fp16_weights, fuse_projections, prepare_for_inference,
-                            quantize_int8)
+                            native, quantize_int8, training)
 from llmgen.kernels.blockwise import BlockLinear, Split
 from llmgen.kernels.cpu_matmul import DecodeLinear, linear
 from llmgen.kernels.fp16_weights import Fp16Linear
 from llmgen.kernels.int8 import Int8Linear
 from llmgen.model.kv_cache import KVCache
-from llmgen.model.transformer import Transformer, attend
+from llmgen.model.transformer import Attention, RMSNorm, Transformer, apply_rope, attend, rope_tables, swiglu
+from llmgen.train.loop import TrainJob, train
 
 
 @pytest.mark.parametrize("rows,bias,inn,threads", [(1, False, 384, 2), (8, True, 384, 2), (3, False, 384, 2),
@@ -376,13 +382,114 @@ def test_a_failed_kernel_build_says_why_and_leaves_nothing_behind(tmp_path, monk
     folder (or lock) for the next run to wait on; the next build in the same place succeeds."""
     monkeypatch.setenv("LLMGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("false"))
-    blockwise._build.cache_clear()
+    native.build.cache_clear()
     try:
         with pytest.raises(LlmgenError, match="could not build the int4/int8 kernels"):
             blockwise.load()
         assert not list((tmp_path / "kernels").iterdir())
         monkeypatch.delenv("CXX")  # a process of its own: this one has the library loaded from elsewhere
         subprocess.run([sys.executable, "-c", "from llmgen.kernels import blockwise; blockwise.load()"], check=True)
-        assert [p.name for p in (tmp_path / "kernels").iterdir()] == [blockwise._cache().name]
+        assert [p.name for p in (tmp_path / "kernels").iterdir()] == [native.library_dir(blockwise.SOURCE).name]
     finally:
-        blockwise._build.cache_clear()
+        native.build.cache_clear()
+
+
+needs_training_kernels = pytest.mark.skipif(training.missing() is not None, reason=f"{training.missing()}")
+
+
+def grads_of(fn, *xs, g=None):
+    xs = [x.detach().clone().requires_grad_(x.requires_grad) for x in xs]
+    y = fn(*xs)
+    y.backward(g)
+    return y.detach(), [x.grad for x in xs]
+
+
+@needs_training_kernels
+@pytest.mark.parametrize("shape", [(12, 64, 128), (3, 5, 200), (1, 1, 12)])
+def test_training_kernels_equal_torchs_ops(shape):
+    """RMSNorm, RoPE and SwiGLU through the kernels give torch's forward and gradients (row lengths with
+    and without a vector tail, a frozen norm weight, rotary tables per position and per row, extreme and
+    NaN gate values); what they do not cover (bf16, a head size not a multiple of 16) runs torch's ops."""
+    native.build(training.SOURCE, training.WHAT, 15)
+    torch.manual_seed(0)
+    x, w, g = torch.randn(*shape, requires_grad=True), torch.randn(shape[-1], requires_grad=True), torch.randn(*shape)
+    want = grads_of(lambda x, w: F.rms_norm(x, (shape[-1],), w, 1e-5), x, w, g=g)
+    got = grads_of(lambda x, w: training.rms_norm(x, w, 1e-5), x, w, g=g)
+    for a, b in zip([want[0], *want[1]], [got[0], *got[1]]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    frozen = grads_of(lambda x, w: training.rms_norm(x, w, 1e-5), x, w.detach(), g=g)
+    assert frozen[1][1] is None and torch.allclose(frozen[1][0], want[1][0], atol=1e-5, rtol=1e-4)
+
+    a = torch.randn(*shape) * 8
+    a.view(-1)[:3] = torch.tensor([-95.0, 95.0, 0.0])
+    a.requires_grad_()
+    u = torch.randn(*shape, requires_grad=True)
+    want, got = (grads_of(f, a, u, g=g) for f in (swiglu, training.swiglu))
+    for p, q in zip([want[0], *want[1]], [got[0], *got[1]]):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
+    nan = a.detach().clone()
+    nan.view(-1)[0] = float("nan")
+    assert training.swiglu(nan, u.detach()).view(-1)[0].isnan()
+
+    cos, sin = rope_tables(32, 80, 10000.0)
+    rows = torch.randint(0, 80, (3, 16))
+    for tables in [(cos[4:20, None], sin[4:20, None]), (cos[rows].unsqueeze(2), sin[rows].unsqueeze(2))]:
+        q, gq = torch.randn(3, 16, 4, 32, requires_grad=True), torch.randn(3, 16, 4, 32)
+        want, got = (grads_of(lambda q: f(q, *tables), q, g=gq) for f in (apply_rope, training.rotate))
+        assert torch.allclose(want[0], got[0], atol=1e-6) and torch.allclose(want[1][0], got[1][0], atol=1e-6)
+        assert got[0].grad_fn is None  # grads_of detached it; the next line checks the kernel ran
+        assert type(training.rotate(q, *tables).grad_fn).__name__ == "_RopeBackward"
+    odd = torch.randn(3, 16, 4, 24, requires_grad=True)
+    c24, s24 = rope_tables(24, 16, 10000.0)
+    assert type(training.rotate(odd, c24[:, None], s24[:, None]).grad_fn).__name__ != "_RopeBackward"
+    assert training.rms_norm(x.detach().bfloat16(), w.detach().bfloat16(), 1e-5) is None
+
+
+@needs_training_kernels
+def test_training_with_the_kernels_follows_torchs_ops(tmp_path):
+    """The same 8 steps with and without `train.kernels`: the start line says which ran, and the losses
+    agree to float rounding."""
+    text = ("the quick brown fox jumps over the lazy dog. " * 400).encode()
+    tokens = torch.tensor(list(text)).numpy()
+    bytes_tokenizer().save(tmp_path / "tok")
+    losses, lines = {}, {}
+    for on in (True, False):
+        run = tmp_path / f"run-{on}"
+        cfg = load_config(None, [f"run_dir={run}", f"train.kernels={str(on).lower()}", "train.max_steps=8",
+                                 "train.batch_size=4", "train.seq_len=32", "train.lr=1e-2", "train.warmup_steps=2",
+                                 "train.log_every=1", "train.eval_every=1000", "train.save_every=1000"])
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                                        vocab_size=260))
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            train(cfg, model, TrainJob("pretrain", WindowSampler(tokens, 4, 32, 0), {}, tmp_path / "tok"))
+        lines[on] = said.getvalue()
+        losses[on] = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(x)]
+        assert all(m.kernel is (training.rms_norm if on else None) for m in model.modules() if isinstance(m, RMSNorm))
+    assert "fused RMSNorm/RoPE/SwiGLU kernels" in lines[True] and "kernels" not in lines[False]
+    assert len(losses[True]) == 8 and losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_training_kernels_say_why_they_do_not_run(monkeypatch):
+    """No AVX2 (or a failed build): the model keeps torch's ops and the start line says why; a GPT-2-style
+    model has nothing to fuse and builds nothing."""
+    monkeypatch.setattr(native, "build", lambda *a: pytest.fail("built kernels for a model with nothing to fuse"))
+    gpt2 = Transformer(ModelConfig(preset=None, arch="gpt2", n_layer=1, n_head=2, d_model=64, max_seq_len=16,
+                                   vocab_size=64))
+    assert training.enable(gpt2) == "torch's ops (no RMSNorm, RoPE or SwiGLU to fuse)"
+    llama = Transformer(ModelConfig(preset=None, n_layer=1, n_head=2, d_model=64, max_seq_len=16, vocab_size=64))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert "vector unit is DEFAULT" in training.enable(llama)
+    assert all(m.kernel is None for m in llama.modules() if isinstance(m, RMSNorm))
+    monkeypatch.undo()
+
+    def broken(*a):
+        raise LlmgenError("could not build the kernels in /x: compiler said no")
+
+    monkeypatch.setattr(native, "build", broken)
+    if training.missing() is None:
+        assert training.enable(llama) == "torch's RMSNorm/RoPE/SwiGLU (could not build the kernels in /x: compiler said no)"
+    assert all(m.rotate is apply_rope for m in llama.modules() if isinstance(m, Attention))

@@ -4,8 +4,8 @@ Decoding one token reads every weight once, so a CPU decodes at the rate its cor
 weight bytes. torch has no low-bit product that is fast at one row on an AVX2 CPU (its int8 and int4
 weight-only kernels measured 3-10x slower than fp32 on the AMD EPYC machine kind; see
 docs/benchmarks.md), so this module carries one: `blockwise.cpp`, built with the C++ compiler on the
-first use on a machine (~10 s, cached under ~/.cache/llmgen/kernels) and registered as torch operators
-(so compiled decode steps call it too).
+first use on a machine (~10 s, cached under ~/.cache/llmgen/kernels: `native.py`) and registered as
+torch operators (so compiled decode steps call it too).
 
 The formats are the ones llama.cpp made common: blocks of 32 weights along the input features, each
 with an fp16 scale; int4 keeps codes 0..15 and a per-block minimum (0.625 bytes a weight, GGUF's
@@ -19,14 +19,6 @@ a small model far more quality than all its blocks do.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import io
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,25 +26,19 @@ import torch
 import torch.nn as nn
 
 from llmgen.errors import LlmgenError
+from llmgen.kernels import native
 from llmgen.model.transformer import attend
 
 BLOCK = 32
 SOURCE = Path(__file__).with_name("blockwise.cpp")
 
 
+WHAT = "the int4/int8 kernels"
+
+
 def missing() -> Optional[str]:
     """Why the kernels cannot run here (None where they can): an x86 CPU with AVX2 and a C++ compiler."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return f"this CPU's vector unit is {torch.backends.cpu.get_cpu_capability()} (the int4/int8 kernels need AVX2)"
-    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
-        return "no C++ compiler to build the int4/int8 kernels (install g++, e.g. apt-get install g++)"
-    return None
-
-
-def _cache() -> Path:
-    base = Path(os.environ.get("LLMGEN_CACHE_DIR") or Path.home() / ".cache" / "llmgen")
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    return base / "kernels" / f"blockwise-{digest}"
+    return native.missing(WHAT)
 
 
 def load() -> None:
@@ -60,41 +46,10 @@ def load() -> None:
     why = missing()
     if why:
         raise LlmgenError(f"--quantize int4/int8 on the CPU: {why}; use --quantize fp16 or none")
-    _build()
-
-
-@functools.lru_cache(maxsize=None)
-def _build() -> None:
-    """Load the built library, building it first where this source and torch have none yet. A build runs in
-    a folder of its own and is renamed into place when done, so a build stopped half-way (Ctrl-C, kill -9)
-    leaves no lock or half-written library behind for the next run to trip on."""
-    build = _cache()
-    library = build / "llmgen_blockwise.so"
-    if library.exists():
-        torch.ops.load_library(str(library))
-        return
-    from torch.utils import cpp_extension  # imports setuptools: only when building
-
-    print("building the int4/int8 kernels for this CPU (once, ~10 s) ...", file=sys.stderr, flush=True)
-    work = build.with_name(f"{build.name}.building-{os.getpid()}")
-    work.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(ImportError):  # the ninja wheel's binary, where the venv's bin is not on PATH
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            cpp_extension.load(name="llmgen_blockwise", sources=[str(SOURCE)], build_directory=str(work),
-                               extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                               is_python_module=False, verbose=False)
-    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:  # compiler missing or failing
-        shutil.rmtree(work, ignore_errors=True)
-        raise LlmgenError(f"could not build the int4/int8 kernels in {work}: {str(e).strip().splitlines()[-1]}; "
-                          f"use --quantize fp16 or none") from None
-    try:
-        work.rename(build)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(work, ignore_errors=True)
+        native.build(SOURCE, WHAT, 10)
+    except LlmgenError as e:
+        raise LlmgenError(f"{e}; use --quantize fp16 or none") from None
 
 
 def pack(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:

@@ -32,10 +32,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = None  # kernels.training: a fused CPU kernel with its own backward (None where it does not apply)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused kernel; normalise in fp32 for stability under bf16 autocast
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        y = self.kernel(x, self.weight, self.eps) if self.kernel else None
+        # normalise in fp32 for stability under bf16 autocast
+        return y if y is not None else F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -58,6 +60,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """Rotate x (..., hs) by the angles in cos/signed_sin (from `rope_tables`, broadcastable to x):
     x * cos + (-x2, x1) * sin, where roll(x) = (x2, x1) and the sign lives in the table."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin).type_as(x)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +99,7 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.fused_qkv = None  # kernels.fuse_projections: q, k and v from one matmul
         self.attend = attend  # kernels.quantize_blockwise: a decoding attention kernel
+        self.rotate = apply_rope  # kernels.training: a fused RoPE kernel with its own backward
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: Optional[KVCache] = None,
                 pos: Union[int, torch.Tensor] = 0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -102,7 +109,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.hs)  # (B, T, nkv, hs)
         v = v.view(B, T, self.n_kv, self.hs)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.rotate(q, *rope), self.rotate(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, S, hs)
@@ -121,11 +128,12 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)  # down
         self.drop = nn.Dropout(cfg.dropout)
         self.fused_gate_up = None  # kernels.fuse_projections: gate and up from one matmul
+        self.swiglu = swiglu  # kernels.training: a fused SwiGLU kernel with its own backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # SwiGLU
             gate, up = self.fused_gate_up(x) if self.fused_gate_up else (self.w1(x), self.w3(x))
-            h = F.silu(gate) * up  # (B, T, hidden)
+            h = self.swiglu(gate, up)  # (B, T, hidden)
         else:
             h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's GELU
         return dropout(self.drop, self.w2(h))

@@ -27,6 +27,7 @@ from llmgen import ui
 from llmgen.atomic import exclusive
 from llmgen.config import Config, save_config
 from llmgen.errors import LlmgenError
+from llmgen.kernels import training as kernels
 from llmgen.model.checkpoint import load_state, load_weights, save_checkpoint
 from llmgen.train import distributed as dist
 from llmgen.train.logging import RunLog
@@ -129,6 +130,8 @@ class Trainer:
         torch.manual_seed(t.seed + acc.process_index)
         optimizer = make_optimizer(model, t, acc.device.type, job.layer_lr_decay)
         self.net = model  # the network (or its peft wrapper; FSDP shards it in place): checkpoints, counts
+        # on the CPU, fused RMSNorm/RoPE/SwiGLU (~15 % of a small model's eager step); compiled, inductor fuses them
+        self.kernels = kernels.enable(model) if t.kernels and acc.device.type == "cpu" and not t.compile else None
         # compiled on a GPU, inductor fuses logits + cross-entropy itself: the plain loss measured 3-8 % faster
         # steps than the chunked one there (gpt2-124m, H200), at the same peak memory
         chunked = not (t.compile and acc.device.type == "cuda")
@@ -344,7 +347,8 @@ def _train(cfg: Config, model: torch.nn.Module, job: TrainJob, resume: bool, ove
     tr.say(f"{job.kind}: {tr.net.num_params() / 1e6:.2f}M parameters, {tr.flops_per_token / 1e6:.1f} MFLOPs/token, "
            f"{tr.tokens_per_step:,} tokens/step, {acc.num_processes} process(es) on {acc.device}, precision "
            f"{'fp32' if acc.mixed_precision == 'no' else str(acc.mixed_precision) + ' autocast'} ({tr.precision_why})"
-           + (", FSDP-sharded" if tr.fsdp else "") + f"; matmul peak {tr.peak / 1e9:.0f} GFLOP/s")
+           + (", FSDP-sharded" if tr.fsdp else "") + (f", {tr.kernels}" if tr.kernels else "")
+           + f"; matmul peak {tr.peak / 1e9:.0f} GFLOP/s")
 
     def on_sigint(signum, frame):  # Ctrl-C: finish the step, save, exit 0; a second one aborts at once
         if st.stop_requested:

@@ -1,0 +1,283 @@
+// Fused RMSNorm, rotary-embedding and SwiGLU kernels, forward and backward, for fp32 training on x86 CPUs
+// (kernels/training.py builds this file on first use and says why it is there).
+//
+// At small widths a training step on a CPU spends as much time in these two as in the matrix products
+// they sit between: torch runs RMSNorm's backward on the CPU as ~15 elementwise kernels, RoPE as a roll,
+// two products and a sum each way and SwiGLU as five, each a pass over memory. Here each is one pass.
+//
+//   rms_norm(x, w, eps) -> (y, rstd)             y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row
+//   rms_norm_backward(g, x, w, rstd) -> (dx, dw) dx = rstd * (g*w - x * rstd^2 * mean(g*w*x)), dw = sum_rows g*x*rstd
+//   rope(x, cos, sin) -> y                       y[d] = x[d] * cos[d] + x[(d + D/2) % D] * sin[d]
+//   swiglu(a, u) -> h                            h = silu(a) * u = a * sigmoid(a) * u
+//   swiglu_backward(g, a, u) -> (da, du)         da = g * u * s * (1 + a * (1 - s)), du = g * a * s, s = sigmoid(a)
+// `sin` carries the rotate-half sign (model/transformer.py's rope_tables); the rotation's inverse, which
+// is its backward, is the same kernel with -sin. x is (B, T, H, D) with rows of D contiguous; cos and sin
+// broadcast to (B, T, 1, D).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// sum_j a[j] * b[j]
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+  }
+  for (; j + 8 <= n; j += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// sum_j a[j] * b[j] * c[j]
+inline float dot3(const float* a, const float* b, const float* c, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)), _mm256_loadu_ps(c + j), acc);
+  float s = hsum(acc);
+  for (; j < n; ++j) s += a[j] * b[j] * c[j];
+  return s;
+}
+
+// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-7 expf polynomial (~1 ulp)
+// and 2^n into the exponent bits.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));  // NaN stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline __m256 sigmoid8(__m256 a) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), a))));
+}
+
+inline float sigmoid1(float a) { return 1.f / (1.f + std::exp(-a)); }
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be an fp32 CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+int64_t grain(int64_t row_floats) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_floats, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_rows(x, "x");
+  check_rows(w, "weight");
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  TORCH_CHECK(w.numel() == C, "weight has ", w.numel(), " values for rows of ", C);
+  auto y = at::empty_like(x);
+  auto rstd = at::empty({N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * C;
+      float* yr = yp + r * C;
+      const float s = 1.f / std::sqrt(dot(xr, xr, C) / static_cast<float>(C) + e);
+      rp[r] = s;
+      const __m256 sv = _mm256_set1_ps(s);
+      int64_t j = 0;
+      for (; j + 8 <= C; j += 8)
+        _mm256_storeu_ps(yr + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + j), sv), _mm256_loadu_ps(wp + j)));
+      for (; j < C; ++j) yr[j] = xr[j] * s * wp[j];
+    }
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_, const at::Tensor& x, const at::Tensor& w,
+                                                     const at::Tensor& rstd) {
+  const at::Tensor g = g_.contiguous();
+  check_rows(g, "grad");
+  check_rows(x, "x");
+  check_rows(w, "weight");
+  check_rows(rstd, "rstd");
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  auto dx = at::empty_like(x);
+  const int64_t threads = at::get_num_threads();
+  auto partial = at::zeros({threads, C}, x.options());  // each thread's share of dw
+  const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const float* rp = rstd.data_ptr<float>();
+  float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  const float invC = 1.f / static_cast<float>(C);
+  at::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    float* dw = pp + at::get_thread_num() * C;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *gr = gp + r * C, *xr = xp + r * C;
+      float* dr = dxp + r * C;
+      const float s = rp[r];
+      const float k = s * s * s * dot3(gr, wp, xr, C) * invC;  // rstd * rstd^2 * mean(g*w*x)
+      const __m256 sv = _mm256_set1_ps(s), kv = _mm256_set1_ps(k);
+      int64_t j = 0;
+      for (; j + 8 <= C; j += 8) {
+        const __m256 gv = _mm256_loadu_ps(gr + j), xv = _mm256_loadu_ps(xr + j);
+        // dx = rstd * g * w - k * x ; dw += g * x * rstd
+        _mm256_storeu_ps(dr + j, _mm256_fnmadd_ps(kv, xv, _mm256_mul_ps(_mm256_mul_ps(gv, _mm256_loadu_ps(wp + j)), sv)));
+        _mm256_storeu_ps(dw + j, _mm256_fmadd_ps(_mm256_mul_ps(gv, xv), sv, _mm256_loadu_ps(dw + j)));
+      }
+      for (; j < C; ++j) {
+        dr[j] = s * gr[j] * wp[j] - k * xr[j];
+        dw[j] += gr[j] * xr[j] * s;
+      }
+    }
+  });
+  return {dx, partial.sum(0)};
+}
+
+// y[d] = x[d] * cos[d] + x[(d + D/2) % D] * sign * sin[d] over rows of D; cos/sin indexed by (b, t).
+at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos, const at::Tensor& sin, double sign) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be fp32 (B, T, H, D) on the CPU");
+  const int64_t Bn = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+  TORCH_CHECK(D % 16 == 0, "rope kernel: head size ", D, " is not a multiple of 16");
+  const at::Tensor c = cos.expand({Bn, T, 1, D}), s = sin.expand({Bn, T, 1, D});
+  TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && c.stride(3) == 1 && s.stride(3) == 1,
+              "cos/sin must be fp32 with rows of D contiguous");
+  auto y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t cb = c.stride(0), ct = c.stride(1), sb = s.stride(0), st = s.stride(1);
+  const __m256 sg = _mm256_set1_ps(static_cast<float>(sign));
+  at::parallel_for(0, Bn * T, grain(H * D), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / T, t = i % T;
+      const float *cr = cp + b * cb + t * ct, *sr = sp + b * sb + t * st;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xr = xp + (i * H + h) * D;
+        float* yr = yp + (i * H + h) * D;
+        for (int64_t j = 0; j < half; j += 8) {
+          const __m256 lo = _mm256_loadu_ps(xr + j), hi = _mm256_loadu_ps(xr + half + j);
+          _mm256_storeu_ps(yr + j, _mm256_fmadd_ps(_mm256_mul_ps(hi, sg), _mm256_loadu_ps(sr + j),
+                                                   _mm256_mul_ps(lo, _mm256_loadu_ps(cr + j))));
+          _mm256_storeu_ps(yr + half + j, _mm256_fmadd_ps(_mm256_mul_ps(lo, sg), _mm256_loadu_ps(sr + half + j),
+                                                          _mm256_mul_ps(hi, _mm256_loadu_ps(cr + half + j))));
+        }
+      }
+    }
+  });
+  return y;
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b) {
+  check_rows(a, "gate");
+  check_rows(b, "up");
+  TORCH_CHECK(a.sizes() == b.sizes(), "gate and up differ in shape");
+}
+
+constexpr int64_t kElementGrain = 32768;
+
+at::Tensor swiglu(const at::Tensor& a, const at::Tensor& u) {
+  check_same(a, u);
+  auto h = at::empty_like(a);
+  const float *ap = a.data_ptr<float>(), *up = u.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 av = _mm256_loadu_ps(ap + i);
+      _mm256_storeu_ps(hp + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < i1; ++i) hp[i] = ap[i] * sigmoid1(ap[i]) * up[i];
+  });
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& g_, const at::Tensor& a, const at::Tensor& u) {
+  const at::Tensor g = g_.contiguous();
+  check_same(a, u);
+  check_same(g, a);
+  auto da = at::empty_like(a), du = at::empty_like(u);
+  const float *gp = g.data_ptr<float>(), *ap = a.data_ptr<float>(), *up = u.data_ptr<float>();
+  float *dap = da.data_ptr<float>(), *dup = du.data_ptr<float>();
+  at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(gp + i), av = _mm256_loadu_ps(ap + i), uv = _mm256_loadu_ps(up + i);
+      const __m256 sv = sigmoid8(av), gs = _mm256_mul_ps(gv, sv);
+      _mm256_storeu_ps(dup + i, _mm256_mul_ps(gs, av));
+      // da = g * s * u * (1 + a * (1 - s))
+      _mm256_storeu_ps(dap + i, _mm256_mul_ps(_mm256_mul_ps(gs, uv), _mm256_fmadd_ps(av, _mm256_sub_ps(one, sv), one)));
+    }
+    for (; i < i1; ++i) {
+      const float s = sigmoid1(ap[i]), gs = gp[i] * s;
+      dup[i] = gs * ap[i];
+      dap[i] = gs * up[i] * (1.f + ap[i] * (1.f - s));
+    }
+  });
+  return {da, du};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) {
+  return {at::empty_like(x), at::empty({x.numel() / x.size(-1)}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_meta(const at::Tensor&, const at::Tensor& x, const at::Tensor& w,
+                                                          const at::Tensor&) {
+  return {at::empty_like(x), at::empty_like(w)};
+}
+
+at::Tensor rope_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, double) { return at::empty_like(x); }
+
+at::Tensor swiglu_meta(const at::Tensor& a, const at::Tensor&) { return at::empty_like(a); }
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_meta(const at::Tensor&, const at::Tensor& a, const at::Tensor& u) {
+  return {at::empty_like(a), at::empty_like(u)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmgen_training, lib) {
+  lib.def("rms_norm(Tensor x, Tensor w, float eps) -> (Tensor, Tensor)");
+  lib.def("rms_norm_backward(Tensor g, Tensor x, Tensor w, Tensor rstd) -> (Tensor, Tensor)");
+  lib.def("rope(Tensor x, Tensor cos, Tensor sin, float sign) -> Tensor");
+  lib.def("swiglu(Tensor a, Tensor u) -> Tensor");
+  lib.def("swiglu_backward(Tensor g, Tensor a, Tensor u) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
+  lib.impl("rms_norm", rms_norm);
+  lib.impl("rms_norm_backward", rms_norm_backward);
+  lib.impl("rope", rope);
+  lib.impl("swiglu", swiglu);
+  lib.impl("swiglu_backward", swiglu_backward);
+}
+
+TORCH_LIBRARY_IMPL(llmgen_training, Meta, lib) {
+  lib.impl("rms_norm", rms_norm_meta);
+  lib.impl("rms_norm_backward", rms_norm_backward_meta);
+  lib.impl("rope", rope_meta);
+  lib.impl("swiglu", swiglu_meta);
+  lib.impl("swiglu_backward", swiglu_backward_meta);
+}

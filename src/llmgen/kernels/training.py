@@ -1,0 +1,120 @@
+"""Fused RMSNorm, RoPE and SwiGLU for training on the CPU (`training.cpp`): one pass forward, one back.
+
+At the small widths people train on a CPU, the llama block's elementwise parts cost as much as its
+matrix products: torch runs RMSNorm's backward on the CPU as ~15 separate kernels (it has no fused one
+there), RoPE as a roll, two products and a sum each way, SwiGLU as five kernels. On the shakespeare-char shape (4 x 128, batch
+12 x 64) they were ~7 of a 46 ms step; docs/benchmarks.md has the measurements. The kernels are built
+on the first training run on a machine (`native.py`, ~15 s) and set on the model's `RMSNorm.kernel` and
+`Attention.rotate` and `MLP.swiglu` hooks; anything they do not cover (other dtypes or devices, odd head sizes) takes the
+plain path, so the hooks are safe wherever the model then runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from llmgen.errors import LlmgenError
+from llmgen.kernels import native
+from llmgen.model import transformer
+from llmgen.model.transformer import MLP, Attention, RMSNorm, Transformer, apply_rope
+
+SOURCE = Path(__file__).with_name("training.cpp")
+WHAT = "the fused RMSNorm/RoPE/SwiGLU training kernels"
+
+
+def _plain_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = torch.ops.llmgen_training.rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.llmgen_training.rms_norm_backward(g, x, weight, rstd)
+        return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return torch.ops.llmgen_training.rope(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return torch.ops.llmgen_training.rope(g, cos, sin, -1.0), None, None  # the inverse rotation
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.ops.llmgen_training.swiglu(gate, up)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.ops.llmgen_training.swiglu_backward(g, *ctx.saved_tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """RMSNorm of x's rows through the kernel; None where it does not apply (the module's plain path runs)."""
+    if not (_plain_cpu(x, weight) and x.is_contiguous() and weight.is_contiguous()):
+        return None
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformer.apply_rope for fp32 (B, T, H, D) on the CPU through the kernel; apply_rope otherwise."""
+    if x.dim() != 4 or x.shape[-1] % 16 or not _plain_cpu(x, cos, signed_sin) or cos.stride(-1) != 1:
+        return apply_rope(x, cos, signed_sin)
+    return _Rope.apply(x, cos, signed_sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """transformer.swiglu (silu(gate) * up) for fp32 CPU tensors of one shape through the kernel."""
+    if not (_plain_cpu(gate, up) and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()):
+        return transformer.swiglu(gate, up)
+    return _SwiGLU.apply(gate, up)
+
+
+def missing() -> Optional[str]:
+    return native.missing(WHAT)
+
+
+def enable(model: nn.Module) -> str:
+    """Set the kernels on the RMSNorm, attention and MLP modules in `model` (a Transformer or a wrapper of
+    one), building them on first use; returns what the run uses, for its start line. Where they cannot
+    run, the model keeps torch's ops and the line says why; a failed build is reported the same way, never
+    an error (training runs without them)."""
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    rope = any(isinstance(m, Transformer) and m.cfg.positions == "rope" for m in model.modules())
+    attns = [m for m in model.modules() if isinstance(m, Attention)] if rope else []
+    mlps = [m for m in model.modules() if isinstance(m, MLP) and m.gated]
+    if not (norms or attns or mlps):
+        return "torch's ops (no RMSNorm, RoPE or SwiGLU to fuse)"
+    why = missing()
+    if why is None:
+        try:
+            native.build(SOURCE, WHAT, 15)
+        except LlmgenError as e:
+            why = str(e)
+    if why:
+        return f"torch's RMSNorm/RoPE/SwiGLU ({why})"
+    for m in norms:
+        m.kernel = rms_norm
+    for m in attns:
+        m.rotate = rotate
+    for m in mlps:
+        m.swiglu = swiglu
+    return "fused RMSNorm/RoPE/SwiGLU kernels"
