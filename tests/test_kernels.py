@@ -24,6 +24,7 @@ from llmgen.kernels.fp16_weights import Fp16Linear
 from llmgen.kernels.int8 import Int8Linear
 from llmgen.model.kv_cache import KVCache
 from llmgen.model.transformer import Attention, RMSNorm, Transformer, apply_rope, attend, rope_tables, swiglu
+from llmgen.model.transformer import gelu as transformer_gelu
 from llmgen.train.loop import TrainJob, train
 
 
@@ -407,7 +408,7 @@ def grads_of(fn, *xs, g=None):
 @needs_training_kernels
 @pytest.mark.parametrize("shape", [(12, 64, 128), (3, 5, 200), (1, 1, 12)])
 def test_training_kernels_equal_torchs_ops(shape):
-    """RMSNorm, RoPE and SwiGLU through the kernels give torch's forward and gradients (row lengths with
+    """RMSNorm, RoPE, SwiGLU and GELU through the kernels give torch's forward and gradients (row lengths with
     and without a vector tail, a frozen norm weight, rotary tables per position and per row, extreme and
     NaN gate values); what they do not cover (bf16, a head size not a multiple of 16) runs torch's ops."""
     native.build(training.SOURCE, training.WHAT, 15)
@@ -430,6 +431,9 @@ def test_training_kernels_equal_torchs_ops(shape):
     nan = a.detach().clone()
     nan.view(-1)[0] = float("nan")
     assert training.swiglu(nan, u.detach()).view(-1)[0].isnan()
+    want, got = (grads_of(f, a, g=g) for f in (transformer_gelu, training.gelu))
+    assert torch.allclose(want[0], got[0], atol=1e-5, rtol=1e-4) and torch.allclose(want[1][0], got[1][0], atol=1e-5, rtol=1e-4)
+    assert training.gelu(nan).view(-1)[0].isnan()
 
     cos, sin = rope_tables(32, 80, 10000.0)
     rows = torch.randint(0, 80, (3, 16))
@@ -469,17 +473,15 @@ def test_training_with_the_kernels_follows_torchs_ops(tmp_path):
                       if "loss" in json.loads(x)]
         assert all(m.kernel is (training.rms_norm if on else None) for m in model.modules() if isinstance(m, RMSNorm))
     assert "fused RMSNorm/RoPE/SwiGLU kernels" in lines[True] and "kernels" not in lines[False]
+    gpt2 = Transformer(ModelConfig(preset=None, arch="gpt2", n_layer=1, n_head=2, d_model=64, max_seq_len=16,
+                                   vocab_size=64))
+    assert training.enable(gpt2) == "fused GELU kernels"
     assert len(losses[True]) == 8 and losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
 def test_training_kernels_say_why_they_do_not_run(monkeypatch):
-    """No AVX2 (or a failed build): the model keeps torch's ops and the start line says why; a GPT-2-style
-    model has nothing to fuse and builds nothing."""
-    monkeypatch.setattr(native, "build", lambda *a: pytest.fail("built kernels for a model with nothing to fuse"))
-    gpt2 = Transformer(ModelConfig(preset=None, arch="gpt2", n_layer=1, n_head=2, d_model=64, max_seq_len=16,
-                                   vocab_size=64))
-    assert training.enable(gpt2) == "torch's ops (no RMSNorm, RoPE or SwiGLU to fuse)"
+    """No AVX2 (or a failed build): the model keeps torch's ops and the start line says why."""
     llama = Transformer(ModelConfig(preset=None, n_layer=1, n_head=2, d_model=64, max_seq_len=16, vocab_size=64))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert "vector unit is DEFAULT" in training.enable(llama)
@@ -491,5 +493,5 @@ def test_training_kernels_say_why_they_do_not_run(monkeypatch):
 
     monkeypatch.setattr(native, "build", broken)
     if training.missing() is None:
-        assert training.enable(llama) == "torch's RMSNorm/RoPE/SwiGLU (could not build the kernels in /x: compiler said no)"
+        assert training.enable(llama) == "torch's elementwise ops (could not build the kernels in /x: compiler said no)"
     assert all(m.rotate is apply_rope for m in llama.modules() if isinstance(m, Attention))

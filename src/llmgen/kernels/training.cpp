@@ -1,15 +1,18 @@
-// Fused RMSNorm, rotary-embedding and SwiGLU kernels, forward and backward, for fp32 training on x86 CPUs
+// Fused RMSNorm, rotary-embedding, SwiGLU and GELU kernels, forward and backward, for fp32 training on x86 CPUs
 // (kernels/training.py builds this file on first use and says why it is there).
 //
 // At small widths a training step on a CPU spends as much time in these two as in the matrix products
 // they sit between: torch runs RMSNorm's backward on the CPU as ~15 elementwise kernels, RoPE as a roll,
-// two products and a sum each way and SwiGLU as five, each a pass over memory. Here each is one pass.
+// two products and a sum each way, SwiGLU as five, each a pass over memory; its tanh GELU is its slowest
+// elementwise kernel. Here each is one pass.
 //
 //   rms_norm(x, w, eps) -> (y, rstd)             y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row
 //   rms_norm_backward(g, x, w, rstd) -> (dx, dw) dx = rstd * (g*w - x * rstd^2 * mean(g*w*x)), dw = sum_rows g*x*rstd
 //   rope(x, cos, sin) -> y                       y[d] = x[d] * cos[d] + x[(d + D/2) % D] * sin[d]
 //   swiglu(a, u) -> h                            h = silu(a) * u = a * sigmoid(a) * u
 //   swiglu_backward(g, a, u) -> (da, du)         da = g * u * s * (1 + a * (1 - s)), du = g * a * s, s = sigmoid(a)
+//   gelu(x) -> y                                 GPT-2's tanh GELU: 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi)
+//   gelu_backward(g, x) -> dx                    g * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2))
 // `sin` carries the rotate-half sign (model/transformer.py's rope_tables); the rotation's inverse, which
 // is its backward, is the same kernel with -sin. x is (B, T, H, D) with rows of D contiguous; cos and sin
 // broadcast to (B, T, 1, D).
@@ -82,6 +85,17 @@ inline __m256 sigmoid8(__m256 a) {
 }
 
 inline float sigmoid1(float a) { return 1.f / (1.f + std::exp(-a)); }
+
+constexpr float kGeluK = 0.7978845608028654f, kGeluC = 0.044715f;
+
+// tanh(k (x + c x^3)) for 8 floats, as 2 sigmoid(2z) - 1
+inline __m256 gelu_tanh8(__m256 x) {
+  const __m256 z = _mm256_mul_ps(_mm256_set1_ps(kGeluK),
+                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kGeluC), x), _mm256_mul_ps(x, x), x));
+  return _mm256_fmsub_ps(_mm256_set1_ps(2.f), sigmoid8(_mm256_add_ps(z, z)), _mm256_set1_ps(1.f));
+}
+
+inline float gelu_tanh1(float x) { return std::tanh(kGeluK * (x + kGeluC * x * x * x)); }
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be an fp32 CPU tensor");
@@ -239,6 +253,50 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& g_, const a
   return {da, du};
 }
 
+at::Tensor gelu(const at::Tensor& x) {
+  check_rows(x, "x");
+  auto y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    const __m256 half = _mm256_set1_ps(0.5f);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(xp + i);
+      const __m256 hx = _mm256_mul_ps(half, xv);
+      _mm256_storeu_ps(yp + i, _mm256_fmadd_ps(hx, gelu_tanh8(xv), hx));
+    }
+    for (; i < i1; ++i) yp[i] = 0.5f * xp[i] * (1.f + gelu_tanh1(xp[i]));
+  });
+  return y;
+}
+
+at::Tensor gelu_backward(const at::Tensor& g_, const at::Tensor& x) {
+  const at::Tensor g = g_.contiguous();
+  check_rows(x, "x");
+  TORCH_CHECK(g.sizes() == x.sizes(), "grad and x differ in shape");
+  auto dx = at::empty_like(x);
+  const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f), k = _mm256_set1_ps(kGeluK),
+                 c3 = _mm256_set1_ps(3.f * kGeluC);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(xp + i), t = gelu_tanh8(xv);
+      // 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)
+      const __m256 dz = _mm256_mul_ps(k, _mm256_fmadd_ps(c3, _mm256_mul_ps(xv, xv), one));
+      const __m256 inner = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, xv), _mm256_fnmadd_ps(t, t, one)), dz);
+      _mm256_storeu_ps(dp + i, _mm256_mul_ps(_mm256_loadu_ps(gp + i), _mm256_fmadd_ps(half, _mm256_add_ps(one, t), inner)));
+    }
+    for (; i < i1; ++i) {
+      const float xv = xp[i], t = gelu_tanh1(xv);
+      dp[i] = gp[i] * (0.5f * (1.f + t) + 0.5f * xv * (1.f - t * t) * kGeluK * (1.f + 3.f * kGeluC * xv * xv));
+    }
+  });
+  return dx;
+}
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) {
   return {at::empty_like(x), at::empty({x.numel() / x.size(-1)}, x.options())};
 }
@@ -249,6 +307,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_meta(const at::Tensor&, con
 }
 
 at::Tensor rope_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, double) { return at::empty_like(x); }
+
+at::Tensor gelu_meta(const at::Tensor& x) { return at::empty_like(x); }
+
+at::Tensor gelu_backward_meta(const at::Tensor&, const at::Tensor& x) { return at::empty_like(x); }
 
 at::Tensor swiglu_meta(const at::Tensor& a, const at::Tensor&) { return at::empty_like(a); }
 
@@ -264,6 +326,8 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("rope(Tensor x, Tensor cos, Tensor sin, float sign) -> Tensor");
   lib.def("swiglu(Tensor a, Tensor u) -> Tensor");
   lib.def("swiglu_backward(Tensor g, Tensor a, Tensor u) -> (Tensor, Tensor)");
+  lib.def("gelu(Tensor x) -> Tensor");
+  lib.def("gelu_backward(Tensor g, Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
@@ -272,6 +336,8 @@ TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
   lib.impl("rope", rope);
   lib.impl("swiglu", swiglu);
   lib.impl("swiglu_backward", swiglu_backward);
+  lib.impl("gelu", gelu);
+  lib.impl("gelu_backward", gelu_backward);
 }
 
 TORCH_LIBRARY_IMPL(llmgen_training, Meta, lib) {
@@ -280,4 +346,6 @@ TORCH_LIBRARY_IMPL(llmgen_training, Meta, lib) {
   lib.impl("rope", rope_meta);
   lib.impl("swiglu", swiglu_meta);
   lib.impl("swiglu_backward", swiglu_backward_meta);
+  lib.impl("gelu", gelu_meta);
+  lib.impl("gelu_backward", gelu_backward_meta);
 }

@@ -1,12 +1,13 @@
-"""Fused RMSNorm, RoPE and SwiGLU for training on the CPU (`training.cpp`): one pass forward, one back.
+"""Fused RMSNorm, RoPE, SwiGLU and GELU for training on the CPU (`training.cpp`): one pass each way.
 
 At the small widths people train on a CPU, the llama block's elementwise parts cost as much as its
 matrix products: torch runs RMSNorm's backward on the CPU as ~15 separate kernels (it has no fused one
-there), RoPE as a roll, two products and a sum each way, SwiGLU as five kernels. On the shakespeare-char shape (4 x 128, batch
-12 x 64) they were ~7 of a 46 ms step; docs/benchmarks.md has the measurements. The kernels are built
-on the first training run on a machine (`native.py`, ~15 s) and set on the model's `RMSNorm.kernel` and
-`Attention.rotate` and `MLP.swiglu` hooks; anything they do not cover (other dtypes or devices, odd head sizes) takes the
-plain path, so the hooks are safe wherever the model then runs.
+there), RoPE as a roll, two products and a sum each way, SwiGLU as five kernels, and its tanh GELU
+(GPT-2's) is its slowest elementwise kernel. On the shakespeare-char shape (4 x 128, batch 12 x 64) they
+were ~7 of a 49 ms step; docs/benchmarks.md has the measurements. The kernels are built on the first
+training run on a machine (`native.py`, ~15 s) and set on the model's `RMSNorm.kernel`,
+`Attention.rotate`, `MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or
+devices, odd head sizes) takes the plain path, so the hooks are safe wherever the model then runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from llmgen.model import transformer
 from llmgen.model.transformer import MLP, Attention, RMSNorm, Transformer, apply_rope
 
 SOURCE = Path(__file__).with_name("training.cpp")
-WHAT = "the fused RMSNorm/RoPE/SwiGLU training kernels"
+WHAT = "the fused training kernels"
 
 
 def _plain_cpu(*ts: torch.Tensor) -> bool:
@@ -67,6 +68,17 @@ class _SwiGLU(torch.autograd.Function):
         return torch.ops.llmgen_training.swiglu_backward(g, *ctx.saved_tensors)
 
 
+class _GELU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.ops.llmgen_training.gelu(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.ops.llmgen_training.gelu_backward(g, *ctx.saved_tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
     """RMSNorm of x's rows through the kernel; None where it does not apply (the module's plain path runs)."""
     if not (_plain_cpu(x, weight) and x.is_contiguous() and weight.is_contiguous()):
@@ -88,6 +100,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """transformer.gelu (GPT-2's tanh GELU) for a contiguous fp32 CPU tensor through the kernel."""
+    if not (_plain_cpu(x) and x.is_contiguous()):
+        return transformer.gelu(x)
+    return _GELU.apply(x)
+
+
 def missing() -> Optional[str]:
     return native.missing(WHAT)
 
@@ -100,9 +119,11 @@ def enable(model: nn.Module) -> str:
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     rope = any(isinstance(m, Transformer) and m.cfg.positions == "rope" for m in model.modules())
     attns = [m for m in model.modules() if isinstance(m, Attention)] if rope else []
-    mlps = [m for m in model.modules() if isinstance(m, MLP) and m.gated]
-    if not (norms or attns or mlps):
-        return "torch's ops (no RMSNorm, RoPE or SwiGLU to fuse)"
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    parts = [name for name, used in (("RMSNorm", norms), ("RoPE", attns), ("SwiGLU", [m for m in mlps if m.gated]),
+                                     ("GELU", [m for m in mlps if not m.gated])) if used]
+    if not parts:
+        return "torch's ops (nothing to fuse)"
     why = missing()
     if why is None:
         try:
@@ -110,11 +131,11 @@ def enable(model: nn.Module) -> str:
         except LlmgenError as e:
             why = str(e)
     if why:
-        return f"torch's RMSNorm/RoPE/SwiGLU ({why})"
+        return f"torch's elementwise ops ({why})"
     for m in norms:
         m.kernel = rms_norm
     for m in attns:
         m.rotate = rotate
     for m in mlps:
-        m.swiglu = swiglu
-    return "fused RMSNorm/RoPE/SwiGLU kernels"
+        m.swiglu, m.gelu = swiglu, gelu
+    return f"fused {'/'.join(parts)} kernels"

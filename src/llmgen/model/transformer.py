@@ -66,6 +66,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # GPT-2's GELU
+
+
 def dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     """Dropout only where it acts (training, p > 0): decoding skips the module calls."""
     return module(x) if module.training and module.p > 0 else x
@@ -128,14 +132,14 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)  # down
         self.drop = nn.Dropout(cfg.dropout)
         self.fused_gate_up = None  # kernels.fuse_projections: gate and up from one matmul
-        self.swiglu = swiglu  # kernels.training: a fused SwiGLU kernel with its own backward
+        self.swiglu, self.gelu = swiglu, gelu  # kernels.training: fused kernels with their own backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # SwiGLU
             gate, up = self.fused_gate_up(x) if self.fused_gate_up else (self.w1(x), self.w3(x))
             h = self.swiglu(gate, up)  # (B, T, hidden)
         else:
-            h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's GELU
+            h = self.gelu(self.w1(x))
         return dropout(self.drop, self.w2(h))
 
 

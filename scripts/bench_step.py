@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Per-step time of a small training step: llmgen against nanoGPT at the shakespeare-char shape.
+
+nanoGPT's `model.py` (cloned from its public repository into a temp dir, never vendored) with its own
+AdamW (`configure_optimizers`), and llmgen's model with its own optimizer (`make_optimizer`) and, on the
+CPU, its fused RMSNorm/RoPE/SwiGLU kernels, train in the same bare loop (batch, backward, clipping at 1.0,
+step) on the same random token windows, alternating step by step so that both see the same machine
+noise. Each side keeps its vocabulary (nanoGPT's 65 characters, llmgen's 260 bytes), as the
+time-to-quality recipes do. llmgen's variants: its default llama block and its gpt2 block, each with and
+without the kernels. The real trainer adds ~1 % over this loop (docs/benchmarks.md).
+
+    python scripts/bench_step.py [--nanogpt <clone source>] [--steps 60] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchlib import report
+from llmgen.config import build_config
+from llmgen.kernels import training
+from llmgen.model.transformer import Transformer
+from llmgen.train.loss import LanguageModelLoss
+from llmgen.train.optim import make_optimizer
+
+LAYERS, HEADS, WIDTH, BATCH, SEQ = 4, 4, 128, 12, 64
+
+
+def nanogpt(src: Path):
+    sys.path.insert(0, str(src))
+    from model import GPT, GPTConfig  # nanoGPT's model.py
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=SEQ, vocab_size=65, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, dropout=0.0,
+                      bias=False))
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    return (lambda x, y: m(x, y)[1]), list(m.parameters()), opt, 65
+
+
+def llmgen(arch: str, kernels: bool):
+    cfg = build_config({"model": {"preset": None, "arch": arch, "n_layer": LAYERS, "n_head": HEADS, "d_model": WIDTH,
+                                  "max_seq_len": SEQ, "vocab_size": 260}, "train": {"lr": 1e-3}})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    if kernels:
+        print(f"llmgen {arch}: {training.enable(model)}")
+    loss = LanguageModelLoss(model)
+    return loss, list(loss.parameters()), make_optimizer(model, cfg.train, "cpu"), 260
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nanogpt", default="https://github.com/karpathy/nanoGPT",
+                    help="where to git clone nanoGPT from (its repository, or a local clone or mirror)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="bench_out/step.json")
+    args = ap.parse_args()
+    src = Path(tempfile.mkdtemp(prefix="bench_step_")) / "nanogpt"
+    subprocess.run(["git", "clone", "-q", args.nanogpt, str(src)], check=True)
+
+    makers = {"nanoGPT model.py (gpt2 block, no biases)": lambda: nanogpt(src),
+              "llmgen llama block (default: fused kernels)": lambda: llmgen("llama", True),
+              "llmgen llama block, torch's ops (train.kernels: false)": lambda: llmgen("llama", False),
+              "llmgen gpt2 block (biases; fused GELU)": lambda: llmgen("gpt2", True),
+              "llmgen gpt2 block, torch's ops": lambda: llmgen("gpt2", False)}
+    short = ["nanoGPT", "llama", "llama torch ops", "gpt2", "gpt2 torch ops"]
+    medians = {name: [] for name in makers}
+    for r in range(args.rounds):
+        sides = {name: make() for name, make in makers.items()}
+        times = {name: [] for name in sides}
+        rng = np.random.default_rng(r)
+        for step in range(args.steps + 10):
+            ids = torch.from_numpy(rng.integers(0, 65, (BATCH, SEQ + 1)))
+            for name, (fn, params, opt, _) in sides.items():
+                t0 = time.perf_counter()
+                loss = fn(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if step >= 10:  # warm-up
+                    times[name].append(time.perf_counter() - t0)
+        for name in sides:
+            medians[name].append(statistics.median(times[name]) * 1000)
+        print(f"round {r + 1} (ms/step): " + ", ".join(f"{k} {medians[n][-1]:.1f}" for k, n in zip(short, makers)))
+    nano = statistics.median(medians[next(iter(makers))])
+    rows, result = [], {"shape": f"{LAYERS} x {WIDTH}, batch {BATCH} x {SEQ}", "steps": args.steps, "sides": {}}
+    for name in makers:
+        ms = statistics.median(medians[name])
+        result["sides"][name] = {"ms_per_step": round(ms, 2), "rounds": [round(m, 2) for m in medians[name]]}
+        rows.append([name, f"{ms:.1f}", " / ".join(f"{m:.1f}" for m in medians[name]), f"{nano / ms:.2f}x"])
+    report(args.out, result, ["loop", "ms/step (median of rounds)", "rounds", "speed vs nanoGPT"], rows)
+
+
+if __name__ == "__main__":
+    main()
