@@ -124,6 +124,15 @@ def test_chat_plain_and_streamed_agree(srv):
     assert plain.usage.prompt_tokens == len(srv.engine.prompt_ids(msgs, GenerateConfig()))
 
 
+def test_ignore_eos_also_ignores_the_chat_formats_end_of_turn(srv):
+    """Fixed-length outputs for benchmarks (vLLM's and llama.cpp's `ignore_eos`): a chat turn's end
+    token or string no longer stops the answer; stops the request names still do."""
+    fmt = srv.engine.format_for([[{"role": "user", "content": "hi"}]], GenerateConfig())
+    ids, text = srv.engine._stops(GenerateConfig(), fmt)
+    assert ids - {srv.engine.tok.eot_id} or text  # the format has an end of turn of its own
+    assert srv.engine._stops(GenerateConfig(ignore_eos=True, stop=["cat"]), fmt) == (set(), ["cat"])
+
+
 def test_persona_applies_its_system_prompt_and_defaults(srv):
     msgs = [{"role": "user", "content": "Where is my order?"}]
     with_persona = srv.client.chat.completions.create(model="tiny/support", messages=msgs, temperature=0, max_tokens=12)
@@ -265,6 +274,17 @@ def test_cli_serve_answers_then_drains_on_sigterm(ckpt, tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_cli_serve_on_a_port_in_use_says_so(ckpt, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "llmgen", "serve", "--model", str(ckpt), "--port", str(port)],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120, env={**os.environ, "LLMGEN_API_KEY": ""})
+    assert r.returncode == 2, r.stderr
+    assert f"could not serve on 127.0.0.1:{port}" in r.stderr.splitlines()[-1]
 
 
 def test_a_failing_step_fails_its_requests_with_500_and_the_server_recovers(srv, monkeypatch):

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 import types
 import typing
@@ -399,12 +400,27 @@ def serve(
     ids = ", ".join([name] + [f"{name}/{x.name}" for x in personas])
     ui.info(f"serving {engine.source} ({engine.describe()}) as {ids} on http://{sc.host}:{sc.port} "
             f"(web chat at /, OpenAI API at /v1; {sc.max_batch} requests at once); Ctrl-C or SIGTERM stops it")
-    # uvicorn handles SIGTERM/SIGINT while serving (stop accepting, finish the requests in flight, up to 30 s)
-    # and raises the signal again afterwards, into the handler it found: make that one a no-op, so a
-    # drained server exits 0
+    server = application.state.server
+    web = uvicorn.Server(uvicorn.Config(application, host=sc.host, port=sc.port, log_level="warning",
+                                        timeout_graceful_shutdown=30))
+
+    def http() -> None:  # uvicorn in a thread of its own; the app's shutdown sets server.stop
+        try:
+            web.run()
+        finally:
+            server.stop.set()
+
+    def on_signal(*_) -> None:  # SIGTERM/Ctrl-C: stop accepting, finish the requests in flight (up to 30 s);
+        web.force_exit = web.should_exit  # a second one: at once
+        web.should_exit = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    uvicorn.run(application, host=sc.host, port=sc.port, log_level="warning", timeout_graceful_shutdown=30)
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=http, name="llmgen-http", daemon=True)
+    server.drive(thread.start)  # the decode loop stays in this thread, which loaded the model (Server.drive: why)
+    thread.join()
+    if not web.started:
+        raise LlmgenError(f"could not serve on {sc.host}:{sc.port} (see above); pick another --port or --host")
     ui.info("server stopped")
 
 

@@ -213,8 +213,10 @@ class Engine:
         return self.fmt if not p.raw else None
 
     def _stops(self, p: SamplingParams, fmt: Optional[PromptFormat]) -> tuple[set[int], list[str]]:
-        """Stop token ids (EOS, special tokens named as stops) and text-level stop strings."""
-        strings = list(p.stop) + (fmt.stops(self.tok) if fmt is not None else [])
+        """Stop token ids (EOS, special tokens named as stops) and text-level stop strings. `ignore_eos`
+        (fixed-length outputs for benchmarks) also ignores the prompt format's end of turn, as llama.cpp
+        ignores every end-of-generation token; stops the request names still apply."""
+        strings = list(p.stop) + (fmt.stops(self.tok) if fmt is not None and not p.ignore_eos else [])
         ids = set() if p.ignore_eos else {self.tok.eot_id}
         text = []
         for s in strings:
