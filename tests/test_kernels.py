@@ -443,6 +443,20 @@ def test_training_kernels_equal_torchs_ops(shape):
         assert torch.allclose(want[0], got[0], atol=1e-6) and torch.allclose(want[1][0], got[1][0], atol=1e-6)
         assert got[0].grad_fn is None  # grads_of detached it; the next line checks the kernel ran
         assert type(training.rotate(q, *tables).grad_fn).__name__ == "_RopeBackward"
+    for f, ref, xs in [(training.swiglu, swiglu, (a, u)), (training.gelu, transformer_gelu, (a,)),
+                       (lambda q: training.rotate(q, cos[:16, None], sin[:16, None]),
+                        lambda q: apply_rope(q, cos[:16, None], sin[:16, None]), (torch.randn(3, 16, 4, 32),))]:
+        # bf16 (what bf16 autocast's products give them): fp32 maths on the same bf16 values, rounded once,
+        # at least as close to the fp32 result as torch's own bf16 ops
+        half = [x.detach().bfloat16().requires_grad_() for x in xs]
+        gh = torch.randn(half[0].shape).bfloat16()
+        (y, grads), (yt, gt) = grads_of(f, *half, g=gh), grads_of(ref, *half, g=gh)
+        (yr, gr) = grads_of(ref, *[x.float() for x in half], g=gh.float())
+        assert y.dtype == torch.bfloat16 and type(f(*half).grad_fn).__name__.endswith("Backward")
+        assert (y.float() - yr).abs().max() <= (yt.float() - yr).abs().max() + 1e-2 * yr.abs().max()
+        for k, t, r in zip(grads, gt, gr):
+            assert k.dtype == torch.bfloat16
+            assert (k.float() - r).abs().max() <= (t.float() - r).abs().max() + 1e-2 * r.abs().max()
     odd = torch.randn(3, 16, 4, 24, requires_grad=True)
     c24, s24 = rope_tables(24, 16, 10000.0)
     assert type(training.rotate(odd, c24[:, None], s24[:, None]).grad_fn).__name__ != "_RopeBackward"

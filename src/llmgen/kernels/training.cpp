@@ -24,6 +24,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -169,44 +170,83 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_, const
   return {dx, partial.sum(0)};
 }
 
-// y[d] = x[d] * cos[d] + x[(d + D/2) % D] * sign * sin[d] over rows of D; cos/sin indexed by (b, t).
+// RoPE, SwiGLU and GELU also take bf16 tensors (what autocast's products give them): loaded as fp32,
+// computed in fp32, rounded to bf16 once (to nearest even; NaN stays NaN).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::BFloat16* p, __m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(at::BFloat16* p, float v) { *p = at::BFloat16(v); }
+
+void check_elements(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+              name, " must be an fp32 or bf16 CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b) {
+  check_elements(a, "gate");
+  check_elements(b, "up");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), "gate and up differ in shape or dtype");
+}
+
+// Run fn<T>() with T the C++ type of t's dtype (fp32 or bf16).
+template <typename F>
+auto by_dtype(const at::Tensor& t, F fn) {
+  return t.scalar_type() == at::kBFloat16 ? fn(static_cast<at::BFloat16*>(nullptr)) : fn(static_cast<float*>(nullptr));
+}
+
+// y[d] = x[d] * cos[d] + x[(d + D/2) % D] * sign * sin[d] over rows of D; cos/sin (fp32) indexed by (b, t).
 at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos, const at::Tensor& sin, double sign) {
   const at::Tensor x = x_.contiguous();
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be fp32 (B, T, H, D) on the CPU");
+  check_elements(x, "x");
+  TORCH_CHECK(x.dim() == 4, "x must be (B, T, H, D)");
   const int64_t Bn = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
   TORCH_CHECK(D % 16 == 0, "rope kernel: head size ", D, " is not a multiple of 16");
   const at::Tensor c = cos.expand({Bn, T, 1, D}), s = sin.expand({Bn, T, 1, D});
   TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && c.stride(3) == 1 && s.stride(3) == 1,
               "cos/sin must be fp32 with rows of D contiguous");
   auto y = at::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
   const int64_t cb = c.stride(0), ct = c.stride(1), sb = s.stride(0), st = s.stride(1);
   const __m256 sg = _mm256_set1_ps(static_cast<float>(sign));
-  at::parallel_for(0, Bn * T, grain(H * D), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / T, t = i % T;
-      const float *cr = cp + b * cb + t * ct, *sr = sp + b * sb + t * st;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* xr = xp + (i * H + h) * D;
-        float* yr = yp + (i * H + h) * D;
-        for (int64_t j = 0; j < half; j += 8) {
-          const __m256 lo = _mm256_loadu_ps(xr + j), hi = _mm256_loadu_ps(xr + half + j);
-          _mm256_storeu_ps(yr + j, _mm256_fmadd_ps(_mm256_mul_ps(hi, sg), _mm256_loadu_ps(sr + j),
-                                                   _mm256_mul_ps(lo, _mm256_loadu_ps(cr + j))));
-          _mm256_storeu_ps(yr + half + j, _mm256_fmadd_ps(_mm256_mul_ps(lo, sg), _mm256_loadu_ps(sr + half + j),
-                                                          _mm256_mul_ps(hi, _mm256_loadu_ps(cr + half + j))));
+  by_dtype(x, [&](auto* type) {
+    using T_ = std::remove_pointer_t<decltype(type)>;
+    const T_* xp = static_cast<const T_*>(x.data_ptr());
+    T_* yp = static_cast<T_*>(y.data_ptr());
+    at::parallel_for(0, Bn * T, grain(H * D), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / T, t = i % T;
+        const float *cr = cp + b * cb + t * ct, *sr = sp + b * sb + t * st;
+        for (int64_t h = 0; h < H; ++h) {
+          const T_* xr = xp + (i * H + h) * D;
+          T_* yr = yp + (i * H + h) * D;
+          for (int64_t j = 0; j < half; j += 8) {
+            const __m256 lo = load8(xr + j), hi = load8(xr + half + j);
+            store8(yr + j, _mm256_fmadd_ps(_mm256_mul_ps(hi, sg), _mm256_loadu_ps(sr + j),
+                                           _mm256_mul_ps(lo, _mm256_loadu_ps(cr + j))));
+            store8(yr + half + j, _mm256_fmadd_ps(_mm256_mul_ps(lo, sg), _mm256_loadu_ps(sr + half + j),
+                                                  _mm256_mul_ps(hi, _mm256_loadu_ps(cr + half + j))));
+          }
         }
       }
-    }
+    });
+    return 0;
   });
   return y;
-}
-
-void check_same(const at::Tensor& a, const at::Tensor& b) {
-  check_rows(a, "gate");
-  check_rows(b, "up");
-  TORCH_CHECK(a.sizes() == b.sizes(), "gate and up differ in shape");
 }
 
 constexpr int64_t kElementGrain = 32768;
@@ -214,15 +254,22 @@ constexpr int64_t kElementGrain = 32768;
 at::Tensor swiglu(const at::Tensor& a, const at::Tensor& u) {
   check_same(a, u);
   auto h = at::empty_like(a);
-  const float *ap = a.data_ptr<float>(), *up = u.data_ptr<float>();
-  float* hp = h.data_ptr<float>();
-  at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
-    int64_t i = i0;
-    for (; i + 8 <= i1; i += 8) {
-      const __m256 av = _mm256_loadu_ps(ap + i);
-      _mm256_storeu_ps(hp + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), _mm256_loadu_ps(up + i)));
-    }
-    for (; i < i1; ++i) hp[i] = ap[i] * sigmoid1(ap[i]) * up[i];
+  by_dtype(a, [&](auto* type) {
+    using T_ = std::remove_pointer_t<decltype(type)>;
+    const T_ *ap = static_cast<const T_*>(a.data_ptr()), *up = static_cast<const T_*>(u.data_ptr());
+    T_* hp = static_cast<T_*>(h.data_ptr());
+    at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 av = load8(ap + i);
+        store8(hp + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), load8(up + i)));
+      }
+      for (; i < i1; ++i) {
+        const float av = load1(ap + i);
+        store1(hp + i, av * sigmoid1(av) * load1(up + i));
+      }
+    });
+    return 0;
   });
   return h;
 }
@@ -232,67 +279,84 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& g_, const a
   check_same(a, u);
   check_same(g, a);
   auto da = at::empty_like(a), du = at::empty_like(u);
-  const float *gp = g.data_ptr<float>(), *ap = a.data_ptr<float>(), *up = u.data_ptr<float>();
-  float *dap = da.data_ptr<float>(), *dup = du.data_ptr<float>();
-  at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
-    const __m256 one = _mm256_set1_ps(1.f);
-    int64_t i = i0;
-    for (; i + 8 <= i1; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(gp + i), av = _mm256_loadu_ps(ap + i), uv = _mm256_loadu_ps(up + i);
-      const __m256 sv = sigmoid8(av), gs = _mm256_mul_ps(gv, sv);
-      _mm256_storeu_ps(dup + i, _mm256_mul_ps(gs, av));
-      // da = g * s * u * (1 + a * (1 - s))
-      _mm256_storeu_ps(dap + i, _mm256_mul_ps(_mm256_mul_ps(gs, uv), _mm256_fmadd_ps(av, _mm256_sub_ps(one, sv), one)));
-    }
-    for (; i < i1; ++i) {
-      const float s = sigmoid1(ap[i]), gs = gp[i] * s;
-      dup[i] = gs * ap[i];
-      dap[i] = gs * up[i] * (1.f + ap[i] * (1.f - s));
-    }
+  by_dtype(a, [&](auto* type) {
+    using T_ = std::remove_pointer_t<decltype(type)>;
+    const T_ *gp = static_cast<const T_*>(g.data_ptr()), *ap = static_cast<const T_*>(a.data_ptr()),
+             *up = static_cast<const T_*>(u.data_ptr());
+    T_ *dap = static_cast<T_*>(da.data_ptr()), *dup = static_cast<T_*>(du.data_ptr());
+    at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+      const __m256 one = _mm256_set1_ps(1.f);
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 gv = load8(gp + i), av = load8(ap + i), uv = load8(up + i);
+        const __m256 sv = sigmoid8(av), gs = _mm256_mul_ps(gv, sv);
+        store8(dup + i, _mm256_mul_ps(gs, av));
+        // da = g * s * u * (1 + a * (1 - s))
+        store8(dap + i, _mm256_mul_ps(_mm256_mul_ps(gs, uv), _mm256_fmadd_ps(av, _mm256_sub_ps(one, sv), one)));
+      }
+      for (; i < i1; ++i) {
+        const float av = load1(ap + i), s = sigmoid1(av), gs = load1(gp + i) * s;
+        store1(dup + i, gs * av);
+        store1(dap + i, gs * load1(up + i) * (1.f + av * (1.f - s)));
+      }
+    });
+    return 0;
   });
   return {da, du};
 }
 
 at::Tensor gelu(const at::Tensor& x) {
-  check_rows(x, "x");
+  check_elements(x, "x");
   auto y = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
-    const __m256 half = _mm256_set1_ps(0.5f);
-    int64_t i = i0;
-    for (; i + 8 <= i1; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(xp + i);
-      const __m256 hx = _mm256_mul_ps(half, xv);
-      _mm256_storeu_ps(yp + i, _mm256_fmadd_ps(hx, gelu_tanh8(xv), hx));
-    }
-    for (; i < i1; ++i) yp[i] = 0.5f * xp[i] * (1.f + gelu_tanh1(xp[i]));
+  by_dtype(x, [&](auto* type) {
+    using T_ = std::remove_pointer_t<decltype(type)>;
+    const T_* xp = static_cast<const T_*>(x.data_ptr());
+    T_* yp = static_cast<T_*>(y.data_ptr());
+    at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+      const __m256 half = _mm256_set1_ps(0.5f);
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 xv = load8(xp + i);
+        const __m256 hx = _mm256_mul_ps(half, xv);
+        store8(yp + i, _mm256_fmadd_ps(hx, gelu_tanh8(xv), hx));
+      }
+      for (; i < i1; ++i) {
+        const float xv = load1(xp + i);
+        store1(yp + i, 0.5f * xv * (1.f + gelu_tanh1(xv)));
+      }
+    });
+    return 0;
   });
   return y;
 }
 
 at::Tensor gelu_backward(const at::Tensor& g_, const at::Tensor& x) {
   const at::Tensor g = g_.contiguous();
-  check_rows(x, "x");
-  TORCH_CHECK(g.sizes() == x.sizes(), "grad and x differ in shape");
+  check_elements(x, "x");
+  check_elements(g, "grad");
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(), "grad and x differ in shape or dtype");
   auto dx = at::empty_like(x);
-  const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>();
-  float* dp = dx.data_ptr<float>();
-  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
-    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f), k = _mm256_set1_ps(kGeluK),
-                 c3 = _mm256_set1_ps(3.f * kGeluC);
-    int64_t i = i0;
-    for (; i + 8 <= i1; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(xp + i), t = gelu_tanh8(xv);
-      // 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)
-      const __m256 dz = _mm256_mul_ps(k, _mm256_fmadd_ps(c3, _mm256_mul_ps(xv, xv), one));
-      const __m256 inner = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, xv), _mm256_fnmadd_ps(t, t, one)), dz);
-      _mm256_storeu_ps(dp + i, _mm256_mul_ps(_mm256_loadu_ps(gp + i), _mm256_fmadd_ps(half, _mm256_add_ps(one, t), inner)));
-    }
-    for (; i < i1; ++i) {
-      const float xv = xp[i], t = gelu_tanh1(xv);
-      dp[i] = gp[i] * (0.5f * (1.f + t) + 0.5f * xv * (1.f - t * t) * kGeluK * (1.f + 3.f * kGeluC * xv * xv));
-    }
+  by_dtype(x, [&](auto* type) {
+    using T_ = std::remove_pointer_t<decltype(type)>;
+    const T_ *gp = static_cast<const T_*>(g.data_ptr()), *xp = static_cast<const T_*>(x.data_ptr());
+    T_* dp = static_cast<T_*>(dx.data_ptr());
+    at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+      const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f), k = _mm256_set1_ps(kGeluK),
+                   c3 = _mm256_set1_ps(3.f * kGeluC);
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 xv = load8(xp + i), t = gelu_tanh8(xv);
+        // 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)
+        const __m256 dz = _mm256_mul_ps(k, _mm256_fmadd_ps(c3, _mm256_mul_ps(xv, xv), one));
+        const __m256 inner = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, xv), _mm256_fnmadd_ps(t, t, one)), dz);
+        store8(dp + i, _mm256_mul_ps(load8(gp + i), _mm256_fmadd_ps(half, _mm256_add_ps(one, t), inner)));
+      }
+      for (; i < i1; ++i) {
+        const float xv = load1(xp + i), t = gelu_tanh1(xv);
+        store1(dp + i, load1(gp + i) * (0.5f * (1.f + t) + 0.5f * xv * (1.f - t * t) * kGeluK * (1.f + 3.f * kGeluC * xv * xv)));
+      }
+    });
+    return 0;
   });
   return dx;
 }

@@ -3,7 +3,8 @@
 At the small widths people train on a CPU, the llama block's elementwise parts cost as much as its
 matrix products: torch runs RMSNorm's backward on the CPU as ~15 separate kernels (it has no fused one
 there), RoPE as a roll, two products and a sum each way, SwiGLU as five kernels, and its tanh GELU
-(GPT-2's) is its slowest elementwise kernel. On the shakespeare-char shape (4 x 128, batch 12 x 64) they
+(GPT-2's) is its slowest elementwise kernel. RoPE, SwiGLU and GELU also take bf16 (bf16 autocast's products),
+computing in fp32 and rounding once. On the shakespeare-char shape (4 x 128, batch 12 x 64) they
 were ~7 of a 49 ms step; docs/benchmarks.md has the measurements. The kernels are built on the first
 training run on a machine (`native.py`, ~15 s) and set on the model's `RMSNorm.kernel`,
 `Attention.rotate`, `MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or
@@ -27,8 +28,10 @@ SOURCE = Path(__file__).with_name("training.cpp")
 WHAT = "the fused training kernels"
 
 
-def _plain_cpu(*ts: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+def _plain_cpu(*ts: torch.Tensor, bf16: bool = False) -> bool:
+    """fp32 CPU tensors (or bf16 ones, as bf16 autocast's products give the kernels that take them)."""
+    kinds = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+    return all(t.device.type == "cpu" and t.dtype in kinds for t in ts)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -87,22 +90,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """transformer.apply_rope for fp32 (B, T, H, D) on the CPU through the kernel; apply_rope otherwise."""
-    if x.dim() != 4 or x.shape[-1] % 16 or not _plain_cpu(x, cos, signed_sin) or cos.stride(-1) != 1:
+    """transformer.apply_rope for fp32 or bf16 (B, T, H, D) on the CPU (fp32 tables) through the kernel;
+    apply_rope otherwise."""
+    if (x.dim() != 4 or x.shape[-1] % 16 or not (_plain_cpu(x, bf16=True) and _plain_cpu(cos, signed_sin))
+            or cos.stride(-1) != 1 or signed_sin.stride(-1) != 1):
         return apply_rope(x, cos, signed_sin)
     return _Rope.apply(x, cos, signed_sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """transformer.swiglu (silu(gate) * up) for fp32 CPU tensors of one shape through the kernel."""
-    if not (_plain_cpu(gate, up) and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()):
+    """transformer.swiglu (silu(gate) * up) for fp32 or bf16 CPU tensors of one shape and dtype through the kernel."""
+    if not (_plain_cpu(gate, up, bf16=True) and gate.dtype == up.dtype and gate.shape == up.shape
+            and gate.is_contiguous() and up.is_contiguous()):
         return transformer.swiglu(gate, up)
     return _SwiGLU.apply(gate, up)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """transformer.gelu (GPT-2's tanh GELU) for a contiguous fp32 CPU tensor through the kernel."""
-    if not (_plain_cpu(x) and x.is_contiguous()):
+    """transformer.gelu (GPT-2's tanh GELU) for a contiguous fp32 or bf16 CPU tensor through the kernel."""
+    if not (_plain_cpu(x, bf16=True) and x.is_contiguous()):
         return transformer.gelu(x)
     return _GELU.apply(x)
 
