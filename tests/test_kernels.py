@@ -509,3 +509,18 @@ def test_training_kernels_say_why_they_do_not_run(monkeypatch):
     if training.missing() is None:
         assert training.enable(llama) == "torch's elementwise ops (could not build the kernels in /x: compiler said no)"
     assert all(m.rotate is apply_rope for m in llama.modules() if isinstance(m, Attention))
+
+
+@needs_training_kernels
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """The kernels' cache under a path that cannot be a folder: a clear reason, and training goes on."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("LLMGEN_CACHE_DIR", str(tmp_path / "file"))
+    native.build.cache_clear()
+    try:
+        with pytest.raises(LlmgenError, match="cannot write .*set LLMGEN_CACHE_DIR to a writable folder"):
+            native.build(training.SOURCE, training.WHAT, 15)
+        llama = Transformer(ModelConfig(preset=None, n_layer=1, n_head=2, d_model=64, max_seq_len=16, vocab_size=64))
+        assert "set LLMGEN_CACHE_DIR" in training.enable(llama)
+    finally:
+        native.build.cache_clear()

@@ -56,7 +56,11 @@ def build(source: Path, what: str, seconds: int) -> None:
 
     print(f"building {what} for this CPU (once, ~{seconds} s) ...", file=sys.stderr, flush=True)
     work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LlmgenError(f"could not build {what}: cannot write {work.parent} ({e.strerror}); set LLMGEN_CACHE_DIR "
+                          f"to a writable folder") from None
     with contextlib.suppress(ImportError):  # the ninja wheel's binary, where the venv's bin is not on PATH
         import ninja
 
