@@ -145,6 +145,54 @@ inline float scales(const uint16_t* d, const uint16_t* m, const float* da, const
   return mins;
 }
 
+// Weight row n times activation rows r0 .. r0+R-1 into y; s: scratch for R rows of block scales.
+template <int R>
+inline void q4_rows(const uint8_t* qp, const uint16_t* dp, const uint16_t* mp, const int8_t* ap, const float* dap,
+                    const float* sap, float* yp, int64_t n, int64_t r0, int64_t N, int64_t K, float* s) {
+  const int64_t nb = K / B;
+  const uint8_t* row = qp + n * (K / 2);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  float mins[R];
+  __m256 acc[R], tail[R];
+  for (int i = 0; i < R; ++i) {
+    mins[i] = scales(dp + n * nb, mp + n * nb, dap + (r0 + i) * nb, sap + (r0 + i) * nb, nb, s + i * nb);
+    acc[i] = tail[i] = _mm256_setzero_ps();
+  }
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    // four blocks: their 16-bit pair sums (at most 2 * 15 * 127 each) added pairwise twice stay within
+    // 16 bits, so one vpmaddwd and one multiply-add serve four blocks; lane j of each half ends up
+    // holding block b + j, whose scale s[b + j] is broadcast to both halves
+    const __m256i c0 = _mm256_loadu_si256((const __m256i*)(row + b * 16));
+    const __m256i c1 = _mm256_loadu_si256((const __m256i*)(row + b * 16 + 32));
+    const __m256i u0 = _mm256_and_si256(c0, low), u1 = _mm256_and_si256(_mm256_srli_epi16(c0, 4), low);
+    const __m256i u2 = _mm256_and_si256(c1, low), u3 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), low);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const int8_t* ar = ap + (r0 + i) * K + b * B;
+      const __m256i p0 = _mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)ar));
+      const __m256i p1 = _mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i*)(ar + B)));
+      const __m256i p2 = _mm256_maddubs_epi16(u2, _mm256_loadu_si256((const __m256i*)(ar + 2 * B)));
+      const __m256i p3 = _mm256_maddubs_epi16(u3, _mm256_loadu_si256((const __m256i*)(ar + 3 * B)));
+      const __m256i sums = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3)),
+                                             _mm256_set1_epi16(1));
+      acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128*)(s + i * nb + b)), _mm256_cvtepi32_ps(sums), acc[i]);
+    }
+  }
+  for (; b < nb; b += 2) {  // the last two blocks (a row of 18, 2 x 9 pairs of blocks)
+    const __m256i codes = _mm256_loadu_si256((const __m256i*)(row + b * 16));
+    const __m256i u0 = _mm256_and_si256(codes, low), u1 = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const int8_t* ar = ap + (r0 + i) * K + b * B;
+      tail[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(s + i * nb + b), dot_u8s8(u0, _mm256_loadu_si256((const __m256i*)ar)), tail[i]);
+      tail[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(s + i * nb + b + 1),
+                                dot_u8s8(u1, _mm256_loadu_si256((const __m256i*)(ar + B))), tail[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) yp[(r0 + i) * N + n] = hsum(_mm256_add_ps(acc[i], tail[i])) + mins[i];
+}
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, const at::Tensor& m) {
   const int64_t N = q.size(0), K = q.size(1) * 2, nb = K / B;
   const at::Tensor x2 = checked_rows(x, K);
@@ -167,39 +215,13 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const float* dap = a.da.data();
   const float* sap = a.sa.data();
   float* yp = y.data_ptr<float>();
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  each_row(N, nb, [&](int64_t n, float* s) {
-    const uint8_t* row = qp + n * (K / 2);
-    for (int64_t r = 0; r < M; ++r) {
-      const int8_t* ar = ap + r * K;
-      const float mins = scales(dp + n * nb, mp + n * nb, dap + r * nb, sap + r * nb, nb, s);
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      int64_t b = 0;
-      for (; b + 4 <= nb; b += 4) {
-        // four blocks: their 16-bit pair sums (at most 2 * 15 * 127 each) added pairwise twice stay within
-        // 16 bits, so one vpmaddwd and one multiply-add serve four blocks; lane j of each half ends up
-        // holding block b + j, whose scale s[b + j] is broadcast to both halves
-        const __m256i c0 = _mm256_loadu_si256((const __m256i*)(row + b * 16));
-        const __m256i c1 = _mm256_loadu_si256((const __m256i*)(row + b * 16 + 32));
-        const __m256i p0 = _mm256_maddubs_epi16(_mm256_and_si256(c0, low), _mm256_loadu_si256((const __m256i*)(ar + b * B)));
-        const __m256i p1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c0, 4), low),
-                                                _mm256_loadu_si256((const __m256i*)(ar + b * B + B)));
-        const __m256i p2 = _mm256_maddubs_epi16(_mm256_and_si256(c1, low), _mm256_loadu_si256((const __m256i*)(ar + b * B + 2 * B)));
-        const __m256i p3 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c1, 4), low),
-                                                _mm256_loadu_si256((const __m256i*)(ar + b * B + 3 * B)));
-        const __m256i sums = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3)),
-                                               _mm256_set1_epi16(1));
-        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128*)(s + b)), _mm256_cvtepi32_ps(sums), acc0);
-      }
-      for (; b < nb; b += 2) {  // the last two blocks (a row of 18, 2 x 9 pairs of blocks)
-        const __m256i codes = _mm256_loadu_si256((const __m256i*)(row + b * 16));
-        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b), dot_u8s8(_mm256_and_si256(codes, low),
-                               _mm256_loadu_si256((const __m256i*)(ar + b * B))), acc1);
-        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s + b + 1), dot_u8s8(_mm256_and_si256(_mm256_srli_epi16(codes, 4), low),
-                               _mm256_loadu_si256((const __m256i*)(ar + b * B + B))), acc1);
-      }
-      yp[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + mins;
-    }
+  // Activation rows R at a time (R fixed at compile time, so their accumulators stay in registers) share
+  // each weight block's codes, loaded and unpacked once.
+  each_row(N, nb * 4, [&](int64_t n, float* s) {
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) q4_rows<4>(qp, dp, mp, ap, dap, sap, yp, n, r, N, K, s);
+    for (; r + 2 <= M; r += 2) q4_rows<2>(qp, dp, mp, ap, dap, sap, yp, n, r, N, K, s);
+    if (r < M) q4_rows<1>(qp, dp, mp, ap, dap, sap, yp, n, r, N, K, s);
   });
   return shaped(y, x, N);
 }
