@@ -7,7 +7,8 @@ CPU, its fused RMSNorm/RoPE/SwiGLU kernels, train in the same bare loop (batch, 
 step) on the same random token windows, alternating step by step so that both see the same machine
 noise. Each side keeps its vocabulary (nanoGPT's 65 characters, llmgen's 260 bytes), as the
 time-to-quality recipes do. llmgen's variants: its default llama block and its gpt2 block, each with and
-without the kernels. The real trainer adds ~1 % over this loop (docs/benchmarks.md).
+without the kernels, and the llama block at nanoGPT's parameter count (SwiGLU width 352, vocabulary 65:
+811k parameters to 804k), which tells the block's extra work apart from the loop around it. The real trainer adds ~1 % over this loop (docs/benchmarks.md).
 
     python scripts/bench_step.py [--nanogpt <clone source>] [--steps 60] [--rounds 3]
 """
@@ -46,9 +47,9 @@ def nanogpt(src: Path):
     return (lambda x, y: m(x, y)[1]), list(m.parameters()), opt, 65
 
 
-def llmgen(arch: str, kernels: bool):
+def llmgen(arch: str, kernels: bool, **model):
     cfg = build_config({"model": {"preset": None, "arch": arch, "n_layer": LAYERS, "n_head": HEADS, "d_model": WIDTH,
-                                  "max_seq_len": SEQ, "vocab_size": 260}, "train": {"lr": 1e-3}})
+                                  "max_seq_len": SEQ, "vocab_size": 260, **model}, "train": {"lr": 1e-3}})
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     if kernels:
@@ -72,8 +73,10 @@ def main() -> None:
               "llmgen llama block (default: fused kernels)": lambda: llmgen("llama", True),
               "llmgen llama block, torch's ops (train.kernels: false)": lambda: llmgen("llama", False),
               "llmgen gpt2 block (biases; fused GELU)": lambda: llmgen("gpt2", True),
-              "llmgen gpt2 block, torch's ops": lambda: llmgen("gpt2", False)}
-    short = ["nanoGPT", "llama", "llama torch ops", "gpt2", "gpt2 torch ops"]
+              "llmgen gpt2 block, torch's ops": lambda: llmgen("gpt2", False),
+              "llmgen llama block at nanoGPT's size (d_ff 352, vocabulary 65)": lambda: llmgen("llama", True, d_ff=352,
+                                                                                               vocab_size=65)}
+    short = ["nanoGPT", "llama", "llama torch ops", "gpt2", "gpt2 torch ops", "llama 804k"]
     medians = {name: [] for name in makers}
     for r in range(args.rounds):
         sides = {name: make() for name, make in makers.items()}
