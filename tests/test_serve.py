@@ -328,3 +328,26 @@ def test_compiled_server_compiles_before_its_first_request(ckpt):
     assert len(calls) == 299 and stats.compile_s == 0  # every step after the first token, none compiling
     want = eager.generate(["The quick"], p)[0][0].tokens
     assert req.generated == want
+
+
+@pytest.mark.slow
+def test_compiled_server_batches_any_row_count_in_one_graph(ckpt):
+    """Several rows at once in the compiled server take the whole cache, written in place, and see its first
+    rows and slots: from max_batch rows down to 2 (the cache keeps a row and a slot spare, so neither count
+    ever equals its dimension and is specialized) and past 256 slots, no step compiles a graph after
+    warm-up, and every row's greedy tokens equal the eager engine's."""
+    from torch._dynamo.utils import counters
+
+    eager = Engine.load(str(ckpt))
+    compiled = Engine.load(str(ckpt), options=EngineOptions(compile=True))
+    app = create_app(compiled, "tiny", ServeConfig(max_len=1024, max_batch=4), GenerateConfig(max_new_tokens=16))
+    server = app.state.server
+    server.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    p = GenerateConfig(max_new_tokens=280, temperature=0.0, ignore_eos=True)  # past 256 slots
+    prompts = ["The quick", "A cat sat", "Once upon a time there", "Hello"]
+    reqs = [Request(compiled.tok.encode(x), p, set(), []) for x in prompts]
+    server.scheduler.run(reqs)  # 4 rows (= max_batch) decode together, then fewer as they end
+    assert counters["stats"]["unique_graphs"] == graphs
+    for x, r in zip(prompts, reqs):
+        assert r.generated == eager.generate([x], p)[0][0].tokens

@@ -328,11 +328,15 @@ class Engine:
                                 (pos - pad)[:, None])
         return self._logits(tok[:, None], cache, pos, mask, (pos - pad)[:, None])
 
-    def _rows_step(self, tok, cache, pos) -> torch.Tensor:
+    def _rows_step(self, tok, cache, pos, span=None) -> torch.Tensor:
         """One decode step of D rows each at its own position (the compiled batch path): tok (D,) the
         newest tokens, pos (D,) the slot each goes to, cache views of D rows of S slots (S covering
-        every row's tokens); each row attends to its own slots up to its position."""
-        S = cache.k[0].shape[2]
+        every row's tokens), or the whole cache with S = len(span) (written in place; D and S below the
+        cache's rows and slots); each row attends to its own slots up to its position."""
+        S = cache.k[0].shape[2] if span is None else span.shape[0]
+        if span is not None:
+            torch._check(tok.shape[0] < cache.k[0].shape[0])
+            torch._check(S < cache.k[0].shape[2])
         rows = KVCache(cache.k, cache.v, seen=S)
         mask = (torch.arange(S, device=pos.device)[None, :] <= pos[:, None])[:, None, None]  # (D, 1, 1, S)
         return self._logits(tok[:, None], rows, pos[:, None], mask, pos[:, None])

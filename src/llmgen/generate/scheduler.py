@@ -228,11 +228,11 @@ class Scheduler:
 
     def _admit(self, req: Request) -> None:
         eng = self.engine
-        if self.cache is None:  # long rows get one slot spare: the compiled step of several rows sees views of up
-            # to max_len slots, and a view of the whole tensor (contiguous: a new stride relation) would fail a guard
-            # and recompile mid-run; the one-row steps take the whole tensor (long rows: seeing its first slots)
+        if self.cache is None:  # long rows get a row and a slot spare: the compiled steps take the whole cache
+            # and see its first rows and slots, dynamic counts that then always stay below the cache's own (a count
+            # equal to a dimension would be specialized: a second graph, compiled mid-run)
             spare = int(self.max_len > SHORT_ROW)
-            self.cache = KVCache.allocate(eng.cfg, self.max_batch, self.max_len + spare, eng.device, eng.dtype)
+            self.cache = KVCache.allocate(eng.cfg, self.max_batch + spare, self.max_len + spare, eng.device, eng.dtype)
         req.gen = torch.Generator(device=eng.device)
         req.gen.manual_seed(req.seed) if req.seed is not None else req.gen.seed()
         p = req.params
@@ -317,15 +317,21 @@ class Scheduler:
 
     def _compiled_rows(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Several rows: the engine's compiled step over the decoding rows and the slots they use, both
-        dynamic dimensions: one graph for every batch. (The rows are views of the cache, which the graph
-        copies whole into the cache after each step; passing the whole cache instead specialized the row
-        and slot counts where they equal the cache's: not done yet.)"""
-        rows = self._view(tok.shape[0], self._slots(pos))
+        dynamic dimensions: one graph for every batch. Long rows (a server's) pass the whole cache, written
+        in place, with the slot count carried by `span`'s length; short ones (generate: every row decoding,
+        up to the cache's last slot) pass views of the rows and slots, which the graph copies back whole
+        after each step."""
+        torch._dynamo.mark_dynamic(tok, 0)
+        torch._dynamo.mark_dynamic(pos, 0)
+        slots = self._slots(pos)
+        if self.max_len > SHORT_ROW:
+            span = torch.empty(slots, device=tok.device)
+            torch._dynamo.mark_dynamic(span, 0)
+            return self._timed(("rows", self.max_len), self.engine._compiled_rows, tok, self.cache, pos, span)
+        rows = self._view(tok.shape[0], slots)
         for t in (*rows.k, *rows.v):  # (rows, n_kv_head, slots, head_size)
             torch._dynamo.mark_dynamic(t, 0)
             torch._dynamo.mark_dynamic(t, 2)
-        torch._dynamo.mark_dynamic(tok, 0)
-        torch._dynamo.mark_dynamic(pos, 0)
         return self._timed(("rows", self.max_len), self.engine._compiled_rows, tok, rows, pos)
 
     def _slots(self, pos: torch.Tensor) -> int:
