@@ -7,6 +7,9 @@ the model's fused projections; the network itself never tests which kernel it ru
     fp16_weights.py  fp16 weights through FBGEMM on x86 CPUs (half the bytes per decode step)
     int8.py        int8 weight-only linear layers (torch's kernel; GPUs and CPUs without AVX2)
     blockwise.py   int8 / int4 weights in blocks of 32 with AVX2 kernels of our own (blockwise.cpp)
+    training.py    fused RMSNorm / RoPE / SwiGLU / GELU for CPU training (training.cpp; the trainer's seam:
+                   `training.enable(model)`)
+    native.py      building and caching the C++ sources for the machine
 
 Each has a test proving it equal to the plain path (tests/test_kernels.py).
 """
