@@ -3,12 +3,14 @@
 
 nanoGPT's `model.py` (cloned from its public repository into a temp dir, never vendored) with its own
 AdamW (`configure_optimizers`), and llmgen's model with its own optimizer (`make_optimizer`) and, on the
-CPU, its fused RMSNorm/RoPE/SwiGLU kernels, train in the same bare loop (batch, backward, clipping at 1.0,
+CPU, its fused RMSNorm/RoPE/attention/SwiGLU kernels, train in the same bare loop (batch, backward, clipping at 1.0,
 step) on the same random token windows, alternating step by step so that both see the same machine
 noise. Each side keeps its vocabulary (nanoGPT's 65 characters, llmgen's 260 bytes), as the
 time-to-quality recipes do. llmgen's variants: its default llama block and its gpt2 block, each with and
 without the kernels, and the llama block at nanoGPT's parameter count (SwiGLU width 352, vocabulary 65:
 811k parameters to 804k), which tells the block's extra work apart from the loop around it. The real trainer adds ~1 % over this loop (docs/benchmarks.md).
+The process keeps freed memory for reuse (`training.keep_freed_memory`, as llmgen's trainer sets it on the
+CPU), so nanoGPT's side, in the same process, has it too.
 
     python scripts/bench_step.py [--nanogpt <clone source>] [--steps 60] [--rounds 3]
 """
@@ -66,6 +68,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench_out/step.json")
     args = ap.parse_args()
+    training.keep_freed_memory()
     src = Path(tempfile.mkdtemp(prefix="bench_step_")) / "nanogpt"
     subprocess.run(["git", "clone", "-q", args.nanogpt, str(src)], check=True)
 

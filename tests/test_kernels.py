@@ -466,6 +466,42 @@ def test_training_kernels_equal_torchs_ops(shape):
 
 
 @needs_training_kernels
+def test_attention_kernel_equals_torchs():
+    """Causal attention through the kernel: torch's output and gradients (float64 reference) for head
+    counts with and without grouped-query sharing, lengths off the kernel's 4-row and 16-key blocks, one
+    token, head sizes 16-64 and q/k/v as the model's transposed views; bf16 at least as close to the exact
+    result as torch's own bf16; where it does not apply (a mask, dropout, a cache, a long context, an
+    odd head size) torch's attention runs."""
+    native.build(training.SOURCE, training.WHAT, 15)
+    torch.manual_seed(0)
+
+    def heads(B, T, H, D, dtype=torch.float32):  # (B, H, T, D) views of (B, T, H, D), as the model makes them
+        return torch.randn(B, T, H, D, dtype=dtype).transpose(1, 2).requires_grad_()
+
+    for B, H, Hk, T, D in [(2, 4, 4, 64, 32), (1, 4, 2, 7, 32), (3, 6, 6, 37, 64), (2, 4, 1, 130, 16), (1, 2, 2, 1, 32)]:
+        q, k, v, g = heads(B, T, H, D), heads(B, T, Hk, D), heads(B, T, Hk, D), torch.randn(B, H, T, D)
+        y, grads = grads_of(lambda q, k, v: training.attend(q, k, v, None, 0.0), q, k, v, g=g)
+        want, wgrads = grads_of(lambda q, k, v: attend(q, k, v, None, 0.0), *(t.double() for t in (q, k, v)), g=g.double())
+        assert type(training.attend(q, k, v, None, 0.0).grad_fn).__name__ == "_AttentionBackward"
+        for a, b in zip([y, *grads], [want, *wgrads]):
+            assert a.dtype == torch.float32 and torch.allclose(a.double(), b, atol=1e-5)
+    half = [heads(2, 50, h, 32, torch.bfloat16) for h in (4, 2, 2)]
+    gh = torch.randn(2, 4, 50, 32).bfloat16()
+    (y, grads), (yt, gt) = (grads_of(lambda q, k, v: f(q, k, v, None, 0.0), *half, g=gh) for f in (training.attend, attend))
+    yr, gr = grads_of(lambda q, k, v: attend(q, k, v, None, 0.0), *(t.double() for t in half), g=gh.double())
+    assert y.dtype == torch.bfloat16 and type(training.attend(*half, None, 0.0).grad_fn).__name__ == "_AttentionBackward"
+    for a, t, r in zip([y, *grads], [yt, *gt], [yr, *gr]):
+        assert (a.double() - r).abs().max() <= (t.double() - r).abs().max() + 1e-2 * r.abs().max()
+    q, k, v = heads(1, 8, 2, 32), heads(1, 8, 2, 32), heads(1, 8, 2, 32)
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    cached = heads(1, 12, 2, 32)
+    for args in [(q, k, v, mask, 0.0), (q, k, v, None, 0.1), (q, cached, cached, None, 0.0),
+                 (heads(1, 600, 1, 16),) * 3 + (None, 0.0), (heads(1, 8, 2, 24),) * 3 + (None, 0.0)]:
+        assert type(training.attend(*args).grad_fn).__name__ != "_AttentionBackward"
+    assert torch.equal(training.attend(q, cached, cached, None, 0.0), attend(q, cached, cached, None, 0.0))
+
+
+@needs_training_kernels
 def test_training_with_the_kernels_follows_torchs_ops(tmp_path):
     """The same 8 steps with and without `train.kernels`: the start line says which ran, and the losses
     agree to float rounding."""
@@ -488,10 +524,10 @@ def test_training_with_the_kernels_follows_torchs_ops(tmp_path):
         losses[on] = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
                       if "loss" in json.loads(x)]
         assert all(m.kernel is (training.rms_norm if on else None) for m in model.modules() if isinstance(m, RMSNorm))
-    assert "fused RMSNorm/RoPE/SwiGLU kernels" in lines[True] and "kernels" not in lines[False]
+    assert "fused RMSNorm/RoPE/attention/SwiGLU kernels" in lines[True] and "kernels" not in lines[False]
     gpt2 = Transformer(ModelConfig(preset=None, arch="gpt2", n_layer=1, n_head=2, d_model=64, max_seq_len=16,
                                    vocab_size=64))
-    assert training.enable(gpt2) == "fused GELU kernels"
+    assert training.enable(gpt2) == "fused attention/GELU kernels"
     assert len(losses[True]) == 8 and losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
@@ -510,7 +546,7 @@ def test_training_kernels_say_why_they_do_not_run(monkeypatch):
     monkeypatch.setattr(native, "build", broken)
     if training.missing() is None:
         assert training.enable(llama) == "torch's elementwise ops (could not build the kernels in /x: compiler said no)"
-    assert all(m.rotate is apply_rope for m in llama.modules() if isinstance(m, Attention))
+    assert all(m.rotate is apply_rope and m.attend is attend for m in llama.modules() if isinstance(m, Attention))
 
 
 @needs_training_kernels

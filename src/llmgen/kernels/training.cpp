@@ -22,6 +22,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -382,6 +383,312 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_meta(const at::Tensor&, const
   return {at::empty_like(a), at::empty_like(u)};
 }
 
+// ---- causal attention at short context -------------------------------------------------------------------
+// Training at a CPU's context lengths (64-256 tokens) runs attention on many small heads: torch's flash
+// kernel for the CPU spends most of its time around its small block products (1.2 ms forward and backward
+// for 48 heads of 64 x 32 where the arithmetic is ~30 MFLOP). Here one task takes one (batch, head) whole:
+// its q, k and v copied once into fp32 scratch (k transposed, zero-padded to 16 keys), then 4 query rows at
+// a time: scores against all keys up to the last row (16 at a time, 8 accumulators), the causal softmax
+// (masked entries exactly 0), and P V. The log-sum-exp of each row is kept for the backward, which
+// recomputes P and accumulates dK and dV for a KV head over the query heads that share it (grouped-query
+// attention): ds = P (dP - rowsum(dO * O)), dq = scale ds K, dk = scale ds^T q, dv = P^T dO.
+//
+//   attention(q, k, v, scale) -> (o, lse)                  q (B, H, T, D), k, v (B, Hk, T, D), lse (B, H, T)
+//   attention_backward(g, q, k, v, o, lse, scale) -> (dq, dk, dv)
+// Rows of D must be contiguous (any other strides); o, dq, dk, dv come back as transposed views of
+// (B, T, heads, D) tensors, the layout the model reshapes them from and to. fp32 or bf16 (computed in fp32).
+
+constexpr int64_t kRows = 4, kKeys = 16;
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// S[r][j] = sum_d A[r][d] * Bt[d][j] for 4 rows of A (D apart) and keys j < kc (a multiple of 16); S rows ldb apart.
+inline void scores4(const float* A, const float* Bt, int64_t D, int64_t ldb, int64_t kc, float* S) {
+  for (int64_t j = 0; j < kc; j += kKeys) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t d = 0; d < D; ++d) {
+      const float* b = Bt + d * ldb + j;
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+      __m256 x = _mm256_broadcast_ss(A + d);
+      a00 = _mm256_fmadd_ps(x, b0, a00), a01 = _mm256_fmadd_ps(x, b1, a01);
+      x = _mm256_broadcast_ss(A + D + d);
+      a10 = _mm256_fmadd_ps(x, b0, a10), a11 = _mm256_fmadd_ps(x, b1, a11);
+      x = _mm256_broadcast_ss(A + 2 * D + d);
+      a20 = _mm256_fmadd_ps(x, b0, a20), a21 = _mm256_fmadd_ps(x, b1, a21);
+      x = _mm256_broadcast_ss(A + 3 * D + d);
+      a30 = _mm256_fmadd_ps(x, b0, a30), a31 = _mm256_fmadd_ps(x, b1, a31);
+    }
+    _mm256_storeu_ps(S + j, a00), _mm256_storeu_ps(S + j + 8, a01);
+    _mm256_storeu_ps(S + ldb + j, a10), _mm256_storeu_ps(S + ldb + j + 8, a11);
+    _mm256_storeu_ps(S + 2 * ldb + j, a20), _mm256_storeu_ps(S + 2 * ldb + j + 8, a21);
+    _mm256_storeu_ps(S + 3 * ldb + j, a30), _mm256_storeu_ps(S + 3 * ldb + j + 8, a31);
+  }
+}
+
+// O[r][d] (+)= sum_{j < n} P(r, j) * M[j][d] for 4 rows r, P(r, j) at P[r * rs + j * js] (rows of P or, with
+// rs = 1, its columns); M and O rows of D (a multiple of 16). With add, O's values are added to.
+inline void times4(const float* P, int64_t rs, int64_t js, const float* M, int64_t n, int64_t D, float* O, bool add) {
+  for (int64_t c = 0; c < D; c += 16) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 m0 = _mm256_loadu_ps(M + j * D + c), m1 = _mm256_loadu_ps(M + j * D + c + 8);
+      const float* pj = P + j * js;
+      __m256 x = _mm256_broadcast_ss(pj);
+      a00 = _mm256_fmadd_ps(x, m0, a00), a01 = _mm256_fmadd_ps(x, m1, a01);
+      x = _mm256_broadcast_ss(pj + rs);
+      a10 = _mm256_fmadd_ps(x, m0, a10), a11 = _mm256_fmadd_ps(x, m1, a11);
+      x = _mm256_broadcast_ss(pj + 2 * rs);
+      a20 = _mm256_fmadd_ps(x, m0, a20), a21 = _mm256_fmadd_ps(x, m1, a21);
+      x = _mm256_broadcast_ss(pj + 3 * rs);
+      a30 = _mm256_fmadd_ps(x, m0, a30), a31 = _mm256_fmadd_ps(x, m1, a31);
+    }
+    const __m256 acc[8] = {a00, a01, a10, a11, a20, a21, a30, a31};
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int64_t h = 0; h < 2; ++h) {
+        float* o = O + r * D + c + 8 * h;
+        _mm256_storeu_ps(o, add ? _mm256_add_ps(_mm256_loadu_ps(o), acc[2 * r + h]) : acc[2 * r + h]);
+      }
+  }
+}
+
+// A view of one (batch, head)'s (T, D) rows of a (B, heads, T, D) tensor with rows of D contiguous.
+template <typename T_>
+struct Rows {
+  T_* p;
+  int64_t sb, sh, st;
+  Rows(const at::Tensor& t) : p(static_cast<T_*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), st(t.stride(2)) {}
+  T_* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+};
+
+// rows [0, T) of (b, h) into dst (rows of D, fp32, times scale); rows up to `padded` zero
+template <typename T_>
+void gather(const Rows<T_>& src, int64_t b, int64_t h, int64_t T, int64_t D, float scale, int64_t padded, float* dst) {
+  for (int64_t t = 0; t < T; ++t) {
+    const T_* s = src.row(b, h, t);
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + t * D + d, _mm256_mul_ps(load8(s + d), _mm256_set1_ps(scale)));
+  }
+  std::fill(dst + T * D, dst + padded * D, 0.f);
+}
+
+// the 8 x 8 transpose of rows r[0..7]
+inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i)
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+}
+
+// the transpose: dst[d][t] (ld apart), columns past T zero; 8 x 8 tiles, the last rows one by one
+template <typename T_>
+void gather_t(const Rows<T_>& src, int64_t b, int64_t h, int64_t T, int64_t D, int64_t ld, float* dst) {
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8)
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = load8(src.row(b, h, t + i) + d);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (d + i) * ld + t, r[i]);
+    }
+  for (; t < T; ++t) {
+    const T_* s = src.row(b, h, t);
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + t] = load1(s + d);
+  }
+  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * ld + T, dst + (d + 1) * ld, 0.f);
+}
+
+template <typename T_>
+void scatter(const float* src, int64_t rows, int64_t D, float scale, const Rows<T_>& dst, int64_t b, int64_t h, int64_t t0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T_* o = dst.row(b, h, t0 + r);
+    for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(src + r * D + d), _mm256_set1_ps(scale)));
+  }
+}
+
+// lanes j0 .. j0 + 7 below n, as a mask
+inline __m256 below(int64_t j0, int64_t n) {
+  return _mm256_cmp_ps(_mm256_add_ps(_mm256_set1_ps(static_cast<float>(j0)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)),
+                       _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// P = exp(S - m) for the 4 rows from query i0, each over the keys up to its own position (the rest of the kc
+// and rows past T: exactly 0). With lse given, m = lse (P comes out normalised, as the backward wants);
+// without, m is the row's maximum, and each row's 1 / sum goes to inv_out and its log-sum-exp to lse_out.
+void causal_softmax4(float* S, int64_t ld, int64_t i0, int64_t T, int64_t kc, const float* lse, float* inv_out,
+                     float* lse_out) {
+  for (int64_t r = 0; r < kRows; ++r) {
+    float* s = S + r * ld;
+    const int64_t n = i0 + r + 1, nv = round_up(n, 8);
+    if (n > T) {
+      std::fill(s, s + kc, 0.f);
+      if (!lse) inv_out[r] = 0.f;
+      continue;
+    }
+    float m;
+    if (lse) {
+      m = lse[r];
+    } else {
+      __m256 vm = _mm256_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < nv; j += 8)
+        vm = _mm256_max_ps(vm, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j), below(j, n)));
+      m = hmax(vm);
+    }
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nv; j += 8) {
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)), below(j, n));
+      _mm256_storeu_ps(s + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    std::fill(s + nv, s + kc, 0.f);
+    if (!lse) {
+      const float sum = hsum(acc);
+      inv_out[r] = 1.f / sum;
+      lse_out[r] = m + std::log(sum);
+    }
+  }
+}
+
+void check_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                    t->scalar_type() == q.scalar_type(), "attention: q, k, v must be CPU tensors of one dtype, fp32 or bf16");
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "attention: tensors must be (B, heads, T, D) with rows of D contiguous");
+  }
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
+              "attention: q, k, v shapes disagree");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "attention: query heads are not a multiple of KV heads");
+  TORCH_CHECK(q.size(3) % 16 == 0, "attention: head size ", q.size(3), " is not a multiple of 16");
+}
+
+// a (B, heads, T, D) view of a new (B, T, heads, D) tensor
+at::Tensor heads_view(const at::Tensor& like, int64_t heads, at::ScalarType dtype) {
+  return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options().dtype(dtype)).transpose(1, 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  check_heads(q, k, v);
+  const int64_t Bn = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), group = H / Hk;
+  const int64_t Tr = round_up(T, kRows), Tp = round_up(T, kKeys);
+  at::Tensor o = heads_view(q, H, q.scalar_type());
+  at::Tensor lse = at::empty({Bn, H, T}, q.options().dtype(at::kFloat));
+  float* lp = lse.data_ptr<float>();
+  by_dtype(q, [&](auto* type) {
+    using T_ = std::remove_pointer_t<decltype(type)>;
+    const Rows<T_> Q(q), K(k), V(v), O(o);
+    at::parallel_for(0, Bn * H, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<float> qs(Tr * D), kt(D * Tp), vs(Tp * D), s(kRows * Tp), out(kRows * D);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / H, h = u % H, hk = h / group;
+        gather(Q, b, h, T, D, static_cast<float>(scale), Tr, qs.data());
+        gather_t(K, b, hk, T, D, Tp, kt.data());
+        gather(V, b, hk, T, D, 1.f, Tp, vs.data());
+        for (int64_t i0 = 0; i0 < T; i0 += kRows) {
+          const int64_t kc = round_up(std::min(i0 + kRows, T), kKeys);
+          scores4(qs.data() + i0 * D, kt.data(), D, Tp, kc, s.data());
+          float lse4[kRows], inv[kRows];
+          causal_softmax4(s.data(), Tp, i0, T, kc, nullptr, inv, lse4);
+          times4(s.data(), Tp, 1, vs.data(), kc, D, out.data(), false);  // unnormalised: each row times its 1 / sum
+          const int64_t rows = std::min(kRows, T - i0);
+          for (int64_t r = 0; r < rows; ++r) scatter(out.data() + r * D, 1, D, inv[r], O, b, h, i0 + r);
+          std::copy(lse4, lse4 + rows, lp + u * T + i0);
+        }
+      }
+    });
+    return 0;
+  });
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& o,
+                                                                  const at::Tensor& lse_, double scale) {
+  check_heads(q, k, v);
+  TORCH_CHECK(g.sizes() == q.sizes() && o.sizes() == q.sizes() && g.scalar_type() == q.scalar_type() &&
+                  o.scalar_type() == q.scalar_type() && g.stride(3) == 1 && o.stride(3) == 1,
+              "attention_backward: grad and output must match q");
+  const at::Tensor lse = lse_.contiguous();
+  const int64_t Bn = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), group = H / Hk;
+  const int64_t Tr = round_up(T, kRows), Tp = round_up(T, kKeys);
+  at::Tensor dq = heads_view(q, H, q.scalar_type()), dk = heads_view(k, Hk, q.scalar_type()),
+             dv = heads_view(v, Hk, q.scalar_type());
+  const float* lp = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  by_dtype(q, [&](auto* type) {
+    using T_ = std::remove_pointer_t<decltype(type)>;
+    const Rows<T_> Q(q), K(k), V(v), O(o), G(g), DQ(dq), DK(dk), DV(dv);
+    at::parallel_for(0, Bn * Hk, 1, [&](int64_t u0, int64_t u1) {
+      // P and dS of one head whole (rows i < Tr, keys j < Tp), for dV = P^T dO and dK = dS^T q by columns
+      std::vector<float> qs(Tr * D), go(Tr * D), oo(Tr * D), delta(Tr), kt(D * Tp), ks(Tp * D), vt(D * Tp),
+          p(Tr * Tp), ds(Tr * Tp), dqr(kRows * D), dka(Tr * D), dva(Tr * D);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / Hk, hk = u % Hk;
+        gather_t(K, b, hk, T, D, Tp, kt.data());
+        gather(K, b, hk, T, D, 1.f, Tp, ks.data());
+        gather_t(V, b, hk, T, D, Tp, vt.data());
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          gather(Q, b, h, T, D, sc, Tr, qs.data());
+          gather(G, b, h, T, D, 1.f, Tr, go.data());
+          gather(O, b, h, T, D, 1.f, Tr, oo.data());
+          for (int64_t t = 0; t < Tr; ++t) delta[t] = dot(go.data() + t * D, oo.data() + t * D, D);
+          const float* lrow = lp + (b * H + h) * T;
+          for (int64_t i0 = 0; i0 < T; i0 += kRows) {
+            const int64_t kc = round_up(std::min(i0 + kRows, T), kKeys), rows = std::min(kRows, T - i0);
+            float l4[kRows] = {0.f, 0.f, 0.f, 0.f};
+            std::copy(lrow + i0, lrow + i0 + rows, l4);
+            float *pb = p.data() + i0 * Tp, *db = ds.data() + i0 * Tp;
+            scores4(qs.data() + i0 * D, kt.data(), D, Tp, kc, pb);
+            causal_softmax4(pb, Tp, i0, T, kc, l4, nullptr, nullptr);
+            scores4(go.data() + i0 * D, vt.data(), D, Tp, kc, db);  // dP = dO V^T
+            for (int64_t r = 0; r < kRows; ++r) {  // dS = P (dP - delta)
+              const __m256 dl = _mm256_set1_ps(delta[i0 + r]);
+              float *dr = db + r * Tp, *pr = pb + r * Tp;
+              for (int64_t j = 0; j < kc; j += 8)
+                _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_loadu_ps(pr + j), _mm256_sub_ps(_mm256_loadu_ps(dr + j), dl)));
+            }
+            times4(db, Tp, 1, ks.data(), kc, D, dqr.data(), false);  // dq = scale dS K
+            scatter(dqr.data(), rows, D, sc, DQ, b, h, i0);
+          }
+          // keys j0..j0+3 take queries i >= j0 (the rest of their columns are 0); the row block of query i
+          // wrote its P and dS out to key i0 + 3 at least, so every entry read here was written
+          const bool add = h > hk * group;
+          for (int64_t j0 = 0; j0 < T; j0 += kRows) {
+            const int64_t n = Tr - j0;
+            times4(p.data() + j0 * Tp + j0, 1, Tp, go.data() + j0 * D, n, D, dva.data() + j0 * D, add);
+            times4(ds.data() + j0 * Tp + j0, 1, Tp, qs.data() + j0 * D, n, D, dka.data() + j0 * D, add);
+          }
+        }
+        scatter(dka.data(), T, D, 1.f, DK, b, hk, 0);
+        scatter(dva.data(), T, D, 1.f, DV, b, hk, 0);
+      }
+    });
+    return 0;
+  });
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, double) {
+  return {heads_view(q, q.size(1), q.scalar_type()), at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(const at::Tensor&, const at::Tensor& q,
+                                                                       const at::Tensor& k, const at::Tensor& v,
+                                                                       const at::Tensor&, const at::Tensor&, double) {
+  return {heads_view(q, q.size(1), q.scalar_type()), heads_view(k, k.size(1), q.scalar_type()),
+          heads_view(v, v.size(1), q.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmgen_training, lib) {
@@ -392,6 +699,8 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("swiglu_backward(Tensor g, Tensor a, Tensor u) -> (Tensor, Tensor)");
   lib.def("gelu(Tensor x) -> Tensor");
   lib.def("gelu_backward(Tensor g, Tensor x) -> Tensor");
+  lib.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
@@ -402,6 +711,8 @@ TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
   lib.impl("swiglu_backward", swiglu_backward);
   lib.impl("gelu", gelu);
   lib.impl("gelu_backward", gelu_backward);
+  lib.impl("attention", attention);
+  lib.impl("attention_backward", attention_backward);
 }
 
 TORCH_LIBRARY_IMPL(llmgen_training, Meta, lib) {
@@ -412,4 +723,6 @@ TORCH_LIBRARY_IMPL(llmgen_training, Meta, lib) {
   lib.impl("swiglu_backward", swiglu_backward_meta);
   lib.impl("gelu", gelu_meta);
   lib.impl("gelu_backward", gelu_backward_meta);
+  lib.impl("attention", attention_meta);
+  lib.impl("attention_backward", attention_backward_meta);
 }

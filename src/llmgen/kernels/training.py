@@ -13,6 +13,8 @@ devices, odd head sizes) takes the plain path, so the hooks are safe wherever th
 
 from __future__ import annotations
 
+import ctypes
+import platform
 from pathlib import Path
 from typing import Optional
 
@@ -82,6 +84,20 @@ class _GELU(torch.autograd.Function):
         return torch.ops.llmgen_training.gelu_backward(g, *ctx.saved_tensors)
 
 
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = torch.ops.llmgen_training.attention(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g if g.stride(-1) == 1 else g.contiguous()
+        return *torch.ops.llmgen_training.attention_backward(g, *ctx.saved_tensors, ctx.scale), None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
     """RMSNorm of x's rows through the kernel; None where it does not apply (the module's plain path runs)."""
     if not (_plain_cpu(x, weight) and x.is_contiguous() and weight.is_contiguous()):
@@ -113,6 +129,35 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return _GELU.apply(x)
 
 
+# Past this many tokens torch's flash kernel, which tiles the keys, is the faster (docs/benchmarks.md).
+ATTENTION_MAX_LEN = 512
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    """transformer.attend through the causal kernel where it applies: no mask, no dropout, as many keys as
+    queries (no cache) up to ATTENTION_MAX_LEN, fp32 or bf16 CPU tensors, head size a multiple of 16."""
+    T, D = q.shape[2], q.shape[3]
+    if (mask is not None or p > 0 or k.shape[2] != T or T > ATTENTION_MAX_LEN or D % 16 or not _plain_cpu(q, k, v, bf16=True)
+            or not q.dtype == k.dtype == v.dtype or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
+        return transformer.attend(q, k, v, mask, p)
+    return _Attention.apply(q, k, v, D ** -0.5)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the system.
+
+    By default it maps every block over 128 KB-32 MB fresh from the kernel and unmaps it on free, so each
+    training step faults its activations and gradients back in page by page (~600 faults a step at the
+    shakespeare-char shape, ~1 ms of 40). Blocks up to 32 MB now come from the heap, and up to 256 MB of
+    free heap stays mapped: memory is reused across steps and peak use does not change. glibc only
+    (elsewhere nothing happens and this returns False)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20))
+
+
 def missing() -> Optional[str]:
     return native.missing(WHAT)
 
@@ -124,10 +169,11 @@ def enable(model: nn.Module) -> str:
     an error (training runs without them)."""
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     rope = any(isinstance(m, Transformer) and m.cfg.positions == "rope" for m in model.modules())
-    attns = [m for m in model.modules() if isinstance(m, Attention)] if rope else []
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
-    parts = [name for name, used in (("RMSNorm", norms), ("RoPE", attns), ("SwiGLU", [m for m in mlps if m.gated]),
-                                     ("GELU", [m for m in mlps if not m.gated])) if used]
+    parts = [name for name, used in (("RMSNorm", norms), ("RoPE", attns if rope else []), ("attention", attns),
+                                     ("SwiGLU", [m for m in mlps if m.gated]), ("GELU", [m for m in mlps if not m.gated]))
+             if used]
     if not parts:
         return "torch's ops (nothing to fuse)"
     why = missing()
@@ -141,7 +187,7 @@ def enable(model: nn.Module) -> str:
     for m in norms:
         m.kernel = rms_norm
     for m in attns:
-        m.rotate = rotate
+        m.rotate, m.attend = rotate, attend
     for m in mlps:
         m.swiglu, m.gelu = swiglu, gelu
     return f"fused {'/'.join(parts)} kernels"
