@@ -4,6 +4,7 @@ import contextlib
 import copy
 import io
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -562,3 +563,27 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch
         assert "set LLMGEN_CACHE_DIR" in training.enable(llama)
     finally:
         native.build.cache_clear()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_memory_is_kept_for_the_next_step():
+    """A step's worth of megabyte blocks, freed and made again: glibc maps them fresh each time by default
+    (thousands of page faults a step); after keep_freed_memory the next step reuses them."""
+    code = """if True:
+        import resource, sys, torch
+        from llmgen.kernels import training
+        if sys.argv[1] == "on":
+            assert training.keep_freed_memory()
+        def step():
+            blocks = [torch.ones(300_000 + 1000 * i) for i in range(12)]  # activations, alive together
+            del blocks
+        step(), step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            step()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)"""
+    faults = {on: float(subprocess.run([sys.executable, "-c", code, on], capture_output=True, text=True,
+                                       check=True).stdout) for on in ("on", "off")}
+    if faults["off"] < 100:
+        pytest.skip(f"this glibc keeps freed blocks by itself ({faults['off']} faults a step)")
+    assert faults["on"] < faults["off"] / 20
