@@ -36,73 +36,14 @@ def _plain_cpu(*ts: torch.Tensor, bf16: bool = False) -> bool:
     return all(t.device.type == "cpu" and t.dtype in kinds for t in ts)
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.llmgen_training.rms_norm(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.llmgen_training.rms_norm_backward(g, x, weight, rstd)
-        return dx, (dw if ctx.needs_input_grad[1] else None), None
-
-
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return torch.ops.llmgen_training.rope(x, cos, sin, 1.0)
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        return torch.ops.llmgen_training.rope(g, cos, sin, -1.0), None, None  # the inverse rotation
-
-
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return torch.ops.llmgen_training.swiglu(gate, up)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.ops.llmgen_training.swiglu_backward(g, *ctx.saved_tensors)
-
-
-class _GELU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.ops.llmgen_training.gelu(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.ops.llmgen_training.gelu_backward(g, *ctx.saved_tensors)
-
-
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, lse = torch.ops.llmgen_training.attention(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g if g.stride(-1) == 1 else g.contiguous()
-        return *torch.ops.llmgen_training.attention_backward(g, *ctx.saved_tensors, ctx.scale), None
+ops = torch.ops.llmgen_training  # filled in when the library is built and loaded
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
     """RMSNorm of x's rows through the kernel; None where it does not apply (the module's plain path runs)."""
     if not (_plain_cpu(x, weight) and x.is_contiguous() and weight.is_contiguous()):
         return None
-    return _RMSNorm.apply(x, weight, eps)
+    return ops.rms_norm_train(x, weight, eps)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -111,7 +52,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     if (x.dim() != 4 or x.shape[-1] % 16 or not (_plain_cpu(x, bf16=True) and _plain_cpu(cos, signed_sin))
             or cos.stride(-1) != 1 or signed_sin.stride(-1) != 1):
         return apply_rope(x, cos, signed_sin)
-    return _Rope.apply(x, cos, signed_sin)
+    return ops.rope_train(x, cos, signed_sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -119,14 +60,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not (_plain_cpu(gate, up, bf16=True) and gate.dtype == up.dtype and gate.shape == up.shape
             and gate.is_contiguous() and up.is_contiguous()):
         return transformer.swiglu(gate, up)
-    return _SwiGLU.apply(gate, up)
+    return ops.swiglu_train(gate, up)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """transformer.gelu (GPT-2's tanh GELU) for a contiguous fp32 or bf16 CPU tensor through the kernel."""
     if not (_plain_cpu(x, bf16=True) and x.is_contiguous()):
         return transformer.gelu(x)
-    return _GELU.apply(x)
+    return ops.gelu_train(x)
 
 
 # Past this many tokens torch's flash kernel, which tiles the keys, is the faster (docs/benchmarks.md).
@@ -140,7 +81,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     if (mask is not None or p > 0 or k.shape[2] != T or T > ATTENTION_MAX_LEN or D % 16 or not _plain_cpu(q, k, v, bf16=True)
             or not q.dtype == k.dtype == v.dtype or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
         return transformer.attend(q, k, v, mask, p)
-    return _Attention.apply(q, k, v, D ** -0.5)
+    return ops.attention_train(q, k, v, D ** -0.5)
 
 
 def keep_freed_memory() -> bool:
