@@ -13,6 +13,13 @@ The process keeps freed memory for reuse (`training.keep_freed_memory`, as llmge
 CPU), so nanoGPT's side, in the same process, has it too.
 
     python scripts/bench_step.py [--nanogpt <clone source>] [--steps 60] [--rounds 3]
+
+`--attention` times the causal attention alone instead: llmgen's kernel against torch's
+scaled_dot_product_attention (its flash kernel on the CPU), forward and backward, alternating call by call,
+at the shakespeare-char shape and at the batch x heads x length x head size of the `small`, `llama-110m` and
+longer-context steps.
+
+    python scripts/bench_step.py --attention [--steps 40]
 """
 
 from __future__ import annotations
@@ -60,6 +67,38 @@ def llmgen(arch: str, kernels: bool, **model):
     return loss, list(loss.parameters()), make_optimizer(model, cfg.train, "cpu"), 260
 
 
+ATTENTION_SHAPES = [(12, 4, 64, 32), (16, 6, 128, 64), (4, 12, 128, 64), (4, 6, 256, 64), (2, 6, 512, 64),
+                    (1, 12, 1024, 64)]
+
+
+def bench_attention(steps: int, out: str) -> None:
+    training.enable(Transformer(build_config({"model": {"preset": "tiny", "vocab_size": 64}}).model))  # builds the kernels
+    rows, result = [], {"steps": steps, "shapes": {}}
+    for B, H, T, D in ATTENTION_SHAPES:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, D).transpose(1, 2).requires_grad_() for _ in range(3))  # the model's views
+        g = torch.randn(B, H, T, D)
+        sides = {"torch": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                 "llmgen": lambda: torch.ops.llmgen_training.attention_train(q, k, v, D ** -0.5)}
+        times = {name: ([], []) for name in sides}
+        for i in range(steps + 3):
+            for name, fn in sides.items():
+                t0 = time.perf_counter()
+                y = fn()
+                t1 = time.perf_counter()
+                y.backward(g)
+                t2 = time.perf_counter()
+                q.grad = k.grad = v.grad = None
+                if i >= 3:
+                    times[name][0].append(t1 - t0), times[name][1].append(t2 - t1)
+        ms = {name: [statistics.median(t) * 1000 for t in ts] for name, ts in times.items()}
+        result["shapes"][f"{B}x{H}x{T}x{D}"] = ms
+        rows.append([f"{B} x {H} x {T} x {D}", *(f"{ms[n][0]:.2f} / {ms[n][1]:.2f}" for n in sides),
+                     f"{sum(ms['torch']) / sum(ms['llmgen']):.2f}x"])
+    report(out, result, ["batch x heads x tokens x head size", "torch SDPA fwd / bwd (ms)", "llmgen kernel fwd / bwd (ms)",
+                         "llmgen speed"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nanogpt", default="https://github.com/karpathy/nanoGPT",
@@ -67,8 +106,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench_out/step.json")
+    ap.add_argument("--attention", action="store_true", help="time the attention kernel against torch's, shape by shape")
     args = ap.parse_args()
     training.keep_freed_memory()
+    if args.attention:
+        return bench_attention(args.steps if args.steps != 60 else 20, args.out.replace("step.json", "attention.json"))
     src = Path(tempfile.mkdtemp(prefix="bench_step_")) / "nanogpt"
     subprocess.run(["git", "clone", "-q", args.nanogpt, str(src)], check=True)
 

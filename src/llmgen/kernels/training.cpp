@@ -1,7 +1,8 @@
-// Fused RMSNorm, rotary-embedding, SwiGLU and GELU kernels, forward and backward, for fp32 training on x86 CPUs
-// (kernels/training.py builds this file on first use and says why it is there).
+// Fused RMSNorm, rotary-embedding, SwiGLU, GELU and causal attention kernels, forward and backward, for
+// training on x86 CPUs (kernels/training.py builds this file on first use and says why it is there); each
+// pair is also one autograd node (the `*_train` operators, at the end).
 //
-// At small widths a training step on a CPU spends as much time in these two as in the matrix products
+// At small widths a training step on a CPU spends as much time in these as in the matrix products
 // they sit between: torch runs RMSNorm's backward on the CPU as ~15 elementwise kernels, RoPE as a roll,
 // two products and a sum each way, SwiGLU as five, each a pass over memory; its tanh GELU is its slowest
 // elementwise kernel. Here each is one pass.
@@ -15,7 +16,7 @@
 //   gelu_backward(g, x) -> dx                    g * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2))
 // `sin` carries the rotate-half sign (model/transformer.py's rope_tables); the rotation's inverse, which
 // is its backward, is the same kernel with -sin. x is (B, T, H, D) with rows of D contiguous; cos and sin
-// broadcast to (B, T, 1, D).
+// broadcast to (B, T, 1, D). The attention kernel has its own notes further down.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

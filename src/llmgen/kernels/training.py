@@ -1,14 +1,17 @@
-"""Fused RMSNorm, RoPE, SwiGLU and GELU for training on the CPU (`training.cpp`): one pass each way.
+"""Fused RMSNorm, RoPE, causal attention, SwiGLU and GELU for training on the CPU (`training.cpp`).
 
-At the small widths people train on a CPU, the llama block's elementwise parts cost as much as its
-matrix products: torch runs RMSNorm's backward on the CPU as ~15 separate kernels (it has no fused one
-there), RoPE as a roll, two products and a sum each way, SwiGLU as five kernels, and its tanh GELU
-(GPT-2's) is its slowest elementwise kernel. RoPE, SwiGLU and GELU also take bf16 (bf16 autocast's products),
-computing in fp32 and rounding once. On the shakespeare-char shape (4 x 128, batch 12 x 64) they
-were ~7 of a 49 ms step; docs/benchmarks.md has the measurements. The kernels are built on the first
-training run on a machine (`native.py`, ~15 s) and set on the model's `RMSNorm.kernel`,
-`Attention.rotate`, `MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or
-devices, odd head sizes) takes the plain path, so the hooks are safe wherever the model then runs.
+At the small widths people train on a CPU, the llama block's other parts cost as much as its matrix
+products: torch runs RMSNorm's backward on the CPU as ~15 separate kernels (it has no fused one there),
+RoPE as a roll, two products and a sum each way, SwiGLU as five kernels, its tanh GELU (GPT-2's) is its
+slowest elementwise kernel, and its flash attention spends most of its time around small block products
+at 64-512 tokens. Each here is one pass each way (attention: one task per head), one autograd node made
+in C++; RoPE, attention, SwiGLU and GELU also take bf16 (bf16 autocast's products), computing in fp32 and
+rounding once. On the shakespeare-char shape (4 x 128, batch 12 x 64) they took the step from 44 to 37 ms;
+docs/benchmarks.md has the measurements. The kernels are built on the first training run on a machine
+(`native.py`, ~15 s) and set on the model's `RMSNorm.kernel`, `Attention.rotate`, `Attention.attend`,
+`MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or devices, odd head sizes,
+masks, dropout, a KV cache, long contexts) takes the plain path, so the hooks are safe wherever the
+model then runs.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class Trainer:
         torch.manual_seed(t.seed + acc.process_index)
         optimizer = make_optimizer(model, t, acc.device.type, job.layer_lr_decay)
         self.net = model  # the network (or its peft wrapper; FSDP shards it in place): checkpoints, counts
-        # on the CPU, fused RMSNorm/RoPE/SwiGLU/GELU (~15 % of a small model's eager step); compiled, inductor fuses them
+        # on the CPU, fused RMSNorm/RoPE/attention/SwiGLU/GELU (~25 % of a small model's eager step); compiled, inductor fuses them
         self.kernels = kernels.enable(model) if t.kernels and acc.device.type == "cpu" and not t.compile else None
         if acc.device.type == "cpu":
             kernels.keep_freed_memory()  # each step reuses the last one's memory instead of faulting it back in
