@@ -2,9 +2,10 @@
 """Per-step time of a small training step: llmgen against nanoGPT at the shakespeare-char shape.
 
 nanoGPT's `model.py` (cloned from its public repository into a temp dir, never vendored) with its own
-AdamW (`configure_optimizers`), and llmgen's model with its own optimizer (`make_optimizer`) and, on the
-CPU, its fused RMSNorm/RoPE/attention/SwiGLU kernels, train in the same bare loop (batch, backward, clipping at 1.0,
-step) on the same random token windows, alternating step by step so that both see the same machine
+AdamW (`configure_optimizers`) and torch's clipping, and llmgen's model with its own optimizer
+(`make_optimizer`; clipping inside its fused step, as the trainer does) and, on the CPU, its fused
+RMSNorm/RoPE/attention/SwiGLU kernels, train in the same bare loop (batch, backward, clipping at 1.0, step)
+on the same random token windows, alternating step by step so that both see the same machine
 noise. Each side keeps its vocabulary (nanoGPT's 65 characters, llmgen's 260 bytes), as the
 time-to-quality recipes do. llmgen's variants: its default llama block and its gpt2 block, each with and
 without the kernels, and the llama block at nanoGPT's parameter count (SwiGLU width 352, vocabulary 65:
@@ -40,7 +41,7 @@ from llmgen.config import build_config
 from llmgen.kernels import training
 from llmgen.model.transformer import Transformer
 from llmgen.train.loss import LanguageModelLoss
-from llmgen.train.optim import make_optimizer
+from llmgen.train.optim import fold_clip, make_optimizer
 
 LAYERS, HEADS, WIDTH, BATCH, SEQ = 4, 4, 128, 12, 64
 
@@ -53,7 +54,8 @@ def nanogpt(src: Path):
     m = GPT(GPTConfig(block_size=SEQ, vocab_size=65, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, dropout=0.0,
                       bias=False))
     opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    return (lambda x, y: m(x, y)[1]), list(m.parameters()), opt, 65
+    params = list(m.parameters())
+    return (lambda x, y: m(x, y)[1]), (lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)), opt, 65
 
 
 def llmgen(arch: str, kernels: bool, **model):
@@ -64,7 +66,8 @@ def llmgen(arch: str, kernels: bool, **model):
     if kernels:
         print(f"llmgen {arch}: {training.enable(model)}")
     loss = LanguageModelLoss(model)
-    return loss, list(loss.parameters()), make_optimizer(model, cfg.train, "cpu"), 260
+    opt = make_optimizer(model, cfg.train, "cpu")
+    return loss, (lambda: fold_clip(opt, 1.0)), opt, 260  # the trainer's clipping, inside the fused AdamW
 
 
 ATTENTION_SHAPES = [(12, 4, 64, 32), (16, 6, 128, 64), (4, 12, 128, 64), (4, 6, 256, 64), (2, 6, 512, 64),
@@ -129,12 +132,13 @@ def main() -> None:
         rng = np.random.default_rng(r)
         for step in range(args.steps + 10):
             ids = torch.from_numpy(rng.integers(0, 65, (BATCH, SEQ + 1)))
-            for name, (fn, params, opt, _) in sides.items():
+            for name, (fn, clip, opt, _) in sides.items():
                 t0 = time.perf_counter()
                 loss = fn(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                clip()
                 opt.step()
+                opt.grad_scale = None  # llmgen's clip factor, used
                 opt.zero_grad(set_to_none=True)
                 if step >= 10:  # warm-up
                     times[name].append(time.perf_counter() - t0)

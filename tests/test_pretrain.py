@@ -258,3 +258,19 @@ def test_loss_chart_is_redrawn_at_most_every_30_s(tmp_path, monkeypatch):
     assert (tmp_path / "loss.png").read_bytes() == first  # throttled
     log.plot(force=True)
     assert (tmp_path / "loss.png").read_bytes() != first
+
+
+def test_clipping_inside_the_fused_optimizer_equals_accelerates(prepared, tmp_path, monkeypatch):
+    """train.grad_clip folded into the fused AdamW (its grad_scale input) trains exactly as accelerate's
+    clip_grad_norm_ before a plain AdamW; a run without the clip differs, so the clip was biting."""
+    def run(name, clip):
+        pretrain(load_config(None, overrides(prepared, tmp_path / name, "train.max_steps=8", "train.eval_every=100",
+                                             "train.lr=3e-3", f"train.grad_clip={clip}")))
+        return list(losses(tmp_path / name).values())
+
+    folded, unclipped = run("folded", 0.05), run("unclipped", 0)
+    real = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", lambda model, t, device, *rest: real(model, t, "unfused", *rest))
+    plain = run("plain", 0.05)
+    assert folded == pytest.approx(plain, rel=1e-5)
+    assert max(abs(a - b) for a, b in zip(folded, unclipped)) > 1e-3

