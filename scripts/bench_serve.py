@@ -4,8 +4,9 @@
 Both servers serve SmolLM2-135M-Instruct: ours from the llmgen checkpoint imported from the GGUF
 (`llmgen import`), llama-server from the GGUF itself (`-t 2 -c 16384 -np 16`: continuous batching
 over 16 parallel slots). The same script drives both through the official `openai` client: C
-concurrent clients (1, 4, 16), each sending streamed chat requests back to back, every request 128
-new tokens (`ignore_eos`, which both servers accept), greedy. Reported per server and concurrency:
+concurrent clients (1, 4, 16), each sending streamed chat requests back to back (the same system
+message and a short question: the same prompt tokens on both), every request 128 new tokens
+(`ignore_eos`, which both servers accept), greedy. Reported per server and concurrency:
 aggregate output tokens/s over the phase, time to first token p50/p95, inter-token latency
 p50/p95 (gaps between streamed chunks), and ours / llama.cpp.
 
@@ -41,6 +42,12 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
              "Plan a picnic menu."]
 
 
+# Every request names its system message: SmolLM2's own chat template adds a default one (24 tokens) when
+# there is none, which llmgen renders and llama-server's built-in ChatML does not, and the two servers
+# would then prefill prompts of different lengths (37 tokens against 16 for "What is the capital of France?").
+SYSTEM = "You are a helpful assistant."
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,17 +69,18 @@ def wait_ready(client: openai.OpenAI, proc: subprocess.Popen, what: str, timeout
 
 def one_request(client: openai.OpenAI, model: str, question: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
-    stamps, tokens = [], 0
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+    stamps, tokens, prompt = [], 0, 0
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    stream = client.chat.completions.create(model=model, messages=messages,
                                             max_tokens=max_tokens, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
         if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+            tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
     return {"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
-            "tokens": tokens or len(stamps)}
+            "tokens": tokens or len(stamps), "prompt_tokens": prompt}
 
 
 def load(client: openai.OpenAI, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -91,7 +99,8 @@ def load(client: openai.OpenAI, model: str, clients: int, per_client: int, max_t
     def pct(xs, q):
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
     return {"tok_s": sum(r["tokens"] for r in results) / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
-            "itl_p50": pct(gaps, 0.5), "itl_p95": pct(gaps, 0.95), "requests": len(results)}
+            "itl_p50": pct(gaps, 0.5), "itl_p95": pct(gaps, 0.95), "requests": len(results),
+            "prompt_tokens_mean": sum(r["prompt_tokens"] for r in results) / len(results)}
 
 
 def run_server(cmd: list[str], model: str, port: int, what: str, args) -> dict:

@@ -84,6 +84,23 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
     assert short.completion.tokens == alone(engine, "Hi", p).tokens
 
 
+def test_first_tokens_are_handed_over_before_the_decode_step(engine):
+    """A step that prefills a prompt calls its hand-over with the row's first token, then decodes; a server's
+    first token reaches its client a decode step sooner. A step without a new first token does not call it."""
+    p = GenerateConfig(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    sched = engine.scheduler(max_batch=2, max_len=160)
+    a, b = (Request(engine.prompt_ids(x, p), p, *engine._stops(p, None)) for x in ("Once", "The sea"))
+    seen = []
+    sched.submit(a)
+    sched.step(lambda: seen.append(len(a.generated)))
+    assert seen == [1] and len(a.generated) == 2
+    sched.step(lambda: seen.append("decode only"))
+    assert seen == [1] and len(a.generated) == 3
+    sched.submit(b)
+    sched.step(lambda: seen.append((len(a.generated), len(b.generated))))
+    assert seen == [1, (3, 1)] and (len(a.generated), len(b.generated)) == (4, 2)
+
+
 def test_cancel_frees_the_row_at_the_next_step(engine):
     p = GenerateConfig(max_new_tokens=100, temperature=0.0)
     sched = engine.scheduler(max_batch=1, max_len=160)

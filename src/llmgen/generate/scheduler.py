@@ -184,14 +184,16 @@ class Scheduler:
 
     def serve(self, stop: threading.Event, after_step: Callable[[], None] = lambda: None) -> None:
         """The loop of a background thread: step while there is work, sleep until there is. `after_step`
-        runs after every step (the server hands the step's callbacks' results over in one go)."""
+        runs after every step, and after a prefill that gave rows their first tokens, before the decode
+        step that follows (the server hands the callbacks' results over in one go: a first token goes
+        out one decode step sooner)."""
         while not stop.is_set():
             with self.cond:
                 while not (self.waiting or self.rows) and not stop.is_set():
                     self.cond.wait(0.5)
             if not stop.is_set():
                 try:
-                    self.step()
+                    self.step(after_step)
                 except Exception as e:  # noqa: BLE001  (one bad step must not take the server down)
                     self.fail_all(f"{type(e).__name__}: {e}")
                 after_step()
@@ -216,13 +218,18 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self, first_tokens_out: Callable[[], None] = lambda: None) -> None:
+        """Admit waiting requests, feed prompts (a chunk's worth), then one token for every decoding row.
+        `first_tokens_out` runs between the two when the prefill gave rows their first tokens."""
         self._drop_cancelled()
         with self.cond:
             while self.waiting and len(self.rows) < self.max_batch:
                 req = self.waiting.popleft()
                 self._admit(req)
+        ready = self.n_ready
         self._prefill()
+        if self.n_ready > ready:
+            first_tokens_out()
         if self.n_ready:
             self._decode()
 
