@@ -363,8 +363,8 @@ class Scheduler:
         plain = [i for i, q in enumerate(reqs) if q.params.temperature == 0.0 and q.counts is None
                  and not q.params.no_repeat_ngram_size]
         out = [0] * len(reqs)
-        if plain:
-            picks = logits[plain].argmax(-1).tolist()
+        if plain:  # greedy rows: one argmax (all of them: no gather first, ~30 us a step)
+            picks = (logits if len(plain) == len(reqs) else logits[plain]).argmax(-1).tolist()
             for i, t in zip(plain, picks):
                 out[i] = t
         for i, q in enumerate(reqs):
