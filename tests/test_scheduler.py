@@ -3,6 +3,7 @@ long prompts are prefilled in chunks between decode steps, cancelled requests le
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from llmgen.config import EngineOptions, GenerateConfig, ModelConfig
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.generate.engine import Engine
-from llmgen.generate.scheduler import Request
+from llmgen.generate.scheduler import Request, Scheduler
 from llmgen.model.transformer import Transformer
 
 PROMPTS = ["Once", "The quick brown fox jumps over the lazy dog", "a", "Hello, world!", "Numbers 1 2 3 4 5 6",
@@ -99,6 +100,33 @@ def test_first_tokens_are_handed_over_before_the_decode_step(engine):
     sched.submit(b)
     sched.step(lambda: seen.append((len(a.generated), len(b.generated))))
     assert seen == [1, (3, 1)] and (len(a.generated), len(b.generated)) == (4, 2)
+
+
+def test_kept_prompt_prefixes_give_the_same_tokens_with_less_prefill(engine):
+    """With a prefix cache a prompt that starts as an earlier one did copies its KV entries instead of
+    computing them (all of the prompt but its last token at most), and generates exactly what it generates
+    without; least recently used prefixes go past the token budget; a short shared start is not reused."""
+    p = GenerateConfig(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    system = "You are a helpful assistant who answers in one short sentence. "
+    prompts = [system + "What is the sea?", system + "What is a cat?", system + "What is the sea?", "Hi there"]
+
+    def run(cache):
+        sched = Scheduler(engine, max_batch=2, max_len=160, prefix_cache=cache)
+        reqs = [Request(engine.prompt_ids(x, p), p, *engine._stops(p, None)) for x in prompts]
+        for r in reqs:  # one after another: each can find the ones before it
+            sched.run([r])
+        return sched, reqs
+
+    plain, want = run(0)
+    cached, got = run(1000)
+    assert [r.completion.tokens for r in got] == [r.completion.tokens for r in want]
+    shared = len(os.path.commonprefix([got[0].ids, got[1].ids]))
+    assert shared >= 8 and [r.reused for r in want] == [0, 0, 0, 0]
+    assert [r.reused for r in got] == [0, shared, len(got[2].ids) - 1, 0]
+    assert cached.stats.prefix_tokens == shared + len(got[2].ids) - 1 and plain.stats.prefix_tokens == 0
+    small, _ = run(len(got[0].ids) + 2)  # room for one prompt: each new one pushes the one before out, so
+    # the third finds the second's start (the system message), no longer the first's whole prompt
+    assert len(small.prefixes) == 1 and small.stats.prefix_tokens == 2 * shared
 
 
 def test_cancel_frees_the_row_at_the_next_step(engine):

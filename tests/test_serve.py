@@ -212,6 +212,19 @@ def test_a_client_that_disconnects_frees_its_row(srv):
     assert srv.health()["running"] == 0
 
 
+def test_a_shared_start_of_prompt_is_reported_as_cached_tokens(srv):
+    """The second request starting with the same long prompt copies its KV entries from the prefix cache:
+    OpenAI's usage.prompt_tokens_details.cached_tokens says how many, and the answer is unchanged."""
+    system = {"role": "system", "content": "You are a terse assistant for a shop that sells tea and cups. " * 2}
+    msgs = [[system, {"role": "user", "content": q}] for q in ("Where is my order?", "Where is my order?",
+                                                               "Do you sell cups?")]
+    outs = [srv.client.chat.completions.create(model="tiny", messages=m, max_tokens=6, temperature=0) for m in msgs]
+    cached = [o.usage.prompt_tokens_details.cached_tokens for o in outs]
+    assert cached[1] == outs[1].usage.prompt_tokens - 1 and outs[1].choices[0].message.content == outs[0].choices[0].message.content
+    assert 20 < cached[2] < outs[2].usage.prompt_tokens - 1
+    assert "llmgen_prompt_tokens_cached_total" in httpx.get(srv.url + "/metrics").text
+
+
 def test_metrics_count_requests_tokens_and_latencies(srv):
     srv.client.completions.create(model="tiny", prompt="The", max_tokens=5, temperature=0)
     text = httpx.get(srv.url + "/metrics").text

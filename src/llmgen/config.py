@@ -297,6 +297,9 @@ class ServeConfig:
     max_queue: int = field(default=64, metadata=_rng(0))  # waiting requests beyond that get 429
     max_len: Optional[int] = field(default=None, metadata=_rng(2))  # cache slots per request (null: min(context, 4096))
     max_body_kb: int = field(default=1024, metadata=_rng(1))  # larger request bodies get 413
+    # prompts' KV entries kept after their prefill, up to this many MB (0: off): a prompt that starts as a
+    # kept one does (a system message, a persona, the conversation so far) copies them instead of computing
+    prefix_cache_mb: int = field(default=256, metadata=_rng(0))
     personas: list[str] = field(default_factory=list)  # persona files: extra model ids <model>/<name>
 
 

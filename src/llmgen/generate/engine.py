@@ -294,9 +294,12 @@ class Engine:
 
         return Stream(pieces, GenerationStats())
 
-    def scheduler(self, max_batch: int = 16, max_len: Optional[int] = None) -> Scheduler:
-        """A long-lived scheduler for a server: `max_batch` rows of `max_len` slots (default: the context)."""
-        return Scheduler(self, max_batch=max_batch, max_len=max_len)
+    def scheduler(self, max_batch: int = 16, max_len: Optional[int] = None, prefix_cache_mb: int = 0) -> Scheduler:
+        """A long-lived scheduler for a server: `max_batch` rows of `max_len` slots (default: the context),
+        keeping up to `prefix_cache_mb` of prompts' KV entries for prompts that start the same way."""
+        c = self.cfg
+        per_token = 2 * c.n_layer * c.n_kv * c.head_size * torch.empty((), dtype=self.dtype).element_size()
+        return Scheduler(self, max_batch=max_batch, max_len=max_len, prefix_cache=prefix_cache_mb * 2 ** 20 // per_token)
 
     def _scheduler(self, reqs: list[Request], max_batch: int, stats: GenerationStats,
                    slots: Optional[int] = None) -> Scheduler:

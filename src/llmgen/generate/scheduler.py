@@ -45,11 +45,13 @@ class Completion:
 
 
 SHORT_ROW = 512  # compiled, rows of up to this many slots get a fixed-shape step, longer ones a dynamic one
+MIN_PREFIX = 8  # shorter shared starts are prefilled again (a copy is not worth finding them)
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    prefix_tokens: int = 0  # of them, copied from kept prompts (Scheduler.prefix_cache), not computed
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -110,6 +112,7 @@ class Request:
     completion: Optional[Completion] = None
     cancelled: bool = False
     prefilled: int = 0  # prompt tokens in the cache
+    reused: int = 0  # of them, copied from a kept prompt that starts the same way
     t_submit: float = 0.0
     t_first: Optional[float] = None  # first token sampled
     token_times: list[float] = field(default_factory=list)
@@ -136,8 +139,13 @@ class Scheduler:
     cache slots each; `prefill_chunk` prompt tokens at most between two decode steps."""
 
     def __init__(self, engine, max_batch: int = 16, max_len: Optional[int] = None, prefill_chunk: int = 512,
-                 stats: Optional[GenerationStats] = None):
+                 stats: Optional[GenerationStats] = None, prefix_cache: int = 0):
         self.engine = engine
+        # prompts' KV entries kept after their prefill, up to `prefix_cache` tokens in all (0: none): a new
+        # prompt that starts the same way (a system message, a persona, a conversation so far) copies them
+        # instead of computing them again. Oldest use goes first.
+        self.prefix_cache = prefix_cache
+        self.prefixes: list[tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]]] = []
         self.max_batch = max_batch
         self.max_len = min(max_len or engine.cfg.max_seq_len, engine.cfg.max_seq_len)
         self.prefill_chunk = prefill_chunk
@@ -251,6 +259,8 @@ class Scheduler:
             req.decoder = IncrementalDecoder(eng.tok)
         self.rows.append(req)
         self.stats.prompt_tokens += len(req.ids)
+        if self.prefixes and not req.prefilled:
+            self._reuse_prefix(len(self.rows) - 1, req)
 
     def _row_view(self, r: int) -> KVCache:
         return KVCache([k[r:r + 1] for k in self.cache.k], [v[r:r + 1] for v in self.cache.v])
@@ -271,6 +281,8 @@ class Scheduler:
             budget -= len(chunk)
             if req.prefilled < len(req.ids):
                 break  # the rest of this prompt after the next decode step
+            if self.prefix_cache:
+                self._keep_prefix(r, req)
             self.n_ready += 1
             self._accept(r, self._sample(logits, [req])[0])
 
@@ -441,6 +453,39 @@ class Scheduler:
         for r in reversed(range(len(self.rows))):
             if self.rows[r].cancelled:
                 self._finish(r, cancelled=True)
+
+    def _reuse_prefix(self, r: int, req: Request) -> None:
+        """Copy the longest kept prefix of req's prompt into row r (all of the prompt but its last token at
+        most: that one's forward gives the first token's logits); the prefill starts after it."""
+        best, hit = 0, None
+        for i, (ids, _, _) in enumerate(self.prefixes):
+            n = 0
+            for a, b in zip(ids, req.ids[:-1]):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best, hit = n, i
+        if best < MIN_PREFIX:
+            return
+        ids, ks, vs = self.prefixes.pop(hit)
+        self.prefixes.append((ids, ks, vs))  # most recently used last
+        for t, kept in zip((*self.cache.k, *self.cache.v), (*ks, *vs)):
+            t[r, :, :best] = kept[:, :best]
+        req.prefilled = req.reused = best
+        self.stats.prefix_tokens += best
+
+    def _keep_prefix(self, r: int, req: Request) -> None:
+        """Keep row r's prompt entries (just prefilled) for later prompts, dropping the least recently used
+        ones past the token budget; a prompt already kept, or the start of one kept, is not kept again."""
+        ids = tuple(req.ids)
+        if len(ids) < MIN_PREFIX or len(ids) > self.prefix_cache or any(k[:len(ids)] == ids for k, _, _ in self.prefixes):
+            return
+        self.prefixes = [e for e in self.prefixes if e[0] != ids[:len(e[0])]]  # kept ones this one extends
+        n = len(ids)
+        self.prefixes.append((ids, [k[r, :, :n].clone() for k in self.cache.k], [v[r, :, :n].clone() for v in self.cache.v]))
+        while sum(len(e[0]) for e in self.prefixes) > self.prefix_cache:
+            self.prefixes.pop(0)
 
     def _copy_row(self, src: int, dst: int, length: int) -> None:
         for t in (*self.cache.k, *self.cache.v):

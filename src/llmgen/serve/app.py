@@ -149,6 +149,8 @@ class Metrics:
         self.requests = Counter("llmgen_requests", "HTTP requests to /v1 by endpoint and status", ["endpoint", "status"],
                                 registry=r)
         self.prompt_tokens = Counter("llmgen_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_tokens = Counter("llmgen_prompt_tokens_cached", "Prompt tokens copied from the prefix cache",
+                                     registry=r)
         self.generation_tokens = Counter("llmgen_generation_tokens", "Tokens generated", registry=r)
         self.running = Gauge("llmgen_requests_running", "Requests holding a KV-cache row", registry=r)
         self.waiting = Gauge("llmgen_requests_waiting", "Requests queued for a row", registry=r)
@@ -161,6 +163,7 @@ class Metrics:
 
     def observe(self, req: Request) -> None:
         self.prompt_tokens.inc(len(req.ids))
+        self.cached_tokens.inc(req.reused)
         self.generation_tokens.inc(len(req.generated))
         if req.t_first is not None:
             self.ttft.observe(req.t_first - req.t_submit)
@@ -178,7 +181,7 @@ class Server:
         self.defaults = SamplingParams(**{k: getattr(defaults, k) for k in SamplingParams.__dataclass_fields__})
         self.personas = {f"{model_id}/{p.name}": p for p in personas}
         max_len = cfg.max_len or min(engine.cfg.max_seq_len, 4096)
-        self.scheduler = engine.scheduler(cfg.max_batch, max_len)
+        self.scheduler = engine.scheduler(cfg.max_batch, max_len, cfg.prefix_cache_mb)
         self.metrics = Metrics(CollectorRegistry())
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
@@ -430,10 +433,8 @@ def create_app(engine: Engine, model_id: str, cfg: Optional[ServeConfig] = None,
             choices.append({"index": index[r.id], "message": {"role": "assistant", "content": c.text},
                             "finish_reason": reason, "logprobs": None} if chat else
                            {"index": index[r.id], "text": c.text, "finish_reason": reason, "logprobs": None})
-        used_prompt = sum(len(ids) for ids in prompts)
-        used = sum(len(r.completion.tokens) for r in reqs)
         return {**common, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": {"prompt_tokens": used_prompt, "completion_tokens": used, "total_tokens": used_prompt + used}}
+                "usage": _usage(reqs)}
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
@@ -448,6 +449,15 @@ def create_app(engine: Engine, model_id: str, cfg: Optional[ServeConfig] = None,
         return exc.response()
 
     return app
+
+
+def _usage(reqs: list[Request]) -> dict:
+    """OpenAI's usage object: each prompt counted once (the n choices of one share it), with the part of it
+    copied from the prefix cache as cached_tokens."""
+    prompts = {id(r.ids): r for r in reqs}.values()
+    p_tok, c_tok = sum(len(r.ids) for r in prompts), sum(len(r.completion.tokens) for r in reqs)
+    return {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok,
+            "prompt_tokens_details": {"cached_tokens": sum(r.reused for r in prompts)}}
 
 
 async def _next(queue: asyncio.Queue, seconds: float):
@@ -504,10 +514,7 @@ async def _events(server: Server, http: HttpRequest, reqs: list[Request], index:
                     out.append(_sse(chunk(index[r.id], None, _finish_reason(r.completion.finish_reason))))
             yield "".join(out)
         if include_usage:
-            p_tok = sum(len(ids) for ids in {id(r.ids): r.ids for r in reqs}.values())
-            c_tok = sum(len(r.completion.tokens) for r in reqs)
-            yield _sse({**common, "object": obj, "choices": [],
-                        "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}})
+            yield _sse({**common, "object": obj, "choices": [], "usage": _usage(reqs)})
         yield "data: [DONE]\n\n"
     finally:
         server.cancel(reqs)  # a no-op once every request is done; frees the rows of a vanished client
