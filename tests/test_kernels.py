@@ -414,7 +414,7 @@ def test_training_kernels_equal_torchs_ops(shape):
     """RMSNorm, RoPE, SwiGLU and GELU through the kernels give torch's forward and gradients (row lengths with
     and without a vector tail, a frozen norm weight, rotary tables per position and per row, extreme and
     NaN gate values); what they do not cover (bf16, a head size not a multiple of 16) runs torch's ops."""
-    native.build(training.SOURCE, training.WHAT, 15)
+    native.build(training.SOURCE, training.WHAT, 25)
     torch.manual_seed(0)
     x, w, g = torch.randn(*shape, requires_grad=True), torch.randn(shape[-1], requires_grad=True), torch.randn(*shape)
     want = grads_of(lambda x, w: F.rms_norm(x, (shape[-1],), w, 1e-5), x, w, g=g)
@@ -473,7 +473,7 @@ def test_attention_kernel_equals_torchs():
     token, head sizes 16-64 and q/k/v as the model's transposed views; bf16 at least as close to the exact
     result as torch's own bf16; where it does not apply (a mask, dropout, a cache, a long context, an
     odd head size) torch's attention runs."""
-    native.build(training.SOURCE, training.WHAT, 15)
+    native.build(training.SOURCE, training.WHAT, 25)
     torch.manual_seed(0)
 
     def heads(B, T, H, D, dtype=torch.float32):  # (B, H, T, D) views of (B, T, H, D), as the model makes them
@@ -560,7 +560,7 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch
     native.build.cache_clear()
     try:
         with pytest.raises(LlmgenError, match="cannot write .*set LLMGEN_CACHE_DIR to a writable folder"):
-            native.build(training.SOURCE, training.WHAT, 15)
+            native.build(training.SOURCE, training.WHAT, 25)
         llama = Transformer(ModelConfig(preset=None, n_layer=1, n_head=2, d_model=64, max_seq_len=16, vocab_size=64))
         assert "set LLMGEN_CACHE_DIR" in training.enable(llama)
     finally:

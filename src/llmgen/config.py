@@ -145,7 +145,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     # CPU training, not compiled: llmgen's fused RMSNorm/RoPE/attention/SwiGLU/GELU kernels (kernels/training.py; built once
-    # per machine, ~15 s). false = torch's own ops
+    # per machine, ~25 s). false = torch's own ops
     kernels: bool = True
     # multi-process strategy under torchrun / accelerate launch: ddp replicates the model on every
     # rank; fsdp shards parameters, gradients and optimizer state per transformer block (FSDP2)

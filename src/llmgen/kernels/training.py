@@ -8,7 +8,7 @@ at 64-512 tokens. Each here is one pass each way (attention: one task per head),
 in C++; RoPE, attention, SwiGLU and GELU also take bf16 (bf16 autocast's products), computing in fp32 and
 rounding once. On the shakespeare-char shape (4 x 128, batch 12 x 64) they took the step from 44 to 37 ms;
 docs/benchmarks.md has the measurements. The kernels are built on the first training run on a machine
-(`native.py`, ~15 s) and set on the model's `RMSNorm.kernel`, `Attention.rotate`, `Attention.attend`,
+(`native.py`, ~25 s) and set on the model's `RMSNorm.kernel`, `Attention.rotate`, `Attention.attend`,
 `MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or devices, odd head sizes,
 masks, dropout, a KV cache, long contexts) takes the plain path, so the hooks are safe wherever the
 model then runs.
@@ -123,7 +123,7 @@ def enable(model: nn.Module) -> str:
     why = missing()
     if why is None:
         try:
-            native.build(SOURCE, WHAT, 15)
+            native.build(SOURCE, WHAT, 25)
         except LlmgenError as e:
             why = str(e)
     if why:
