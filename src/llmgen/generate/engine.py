@@ -298,7 +298,7 @@ class Engine:
         """A long-lived scheduler for a server: `max_batch` rows of `max_len` slots (default: the context),
         keeping up to `prefix_cache_mb` of prompts' KV entries for prompts that start the same way."""
         c = self.cfg
-        per_token = 2 * c.n_layer * c.n_kv * c.head_size * torch.empty((), dtype=self.dtype).element_size()
+        per_token = 2 * c.n_layer * c.n_kv * c.head_size * self.dtype.itemsize  # bytes of K and V a token
         return Scheduler(self, max_batch=max_batch, max_len=max_len, prefix_cache=prefix_cache_mb * 2 ** 20 // per_token)
 
     def _scheduler(self, reqs: list[Request], max_batch: int, stats: GenerationStats,

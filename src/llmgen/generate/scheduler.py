@@ -22,6 +22,7 @@ each request's callbacks.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -457,17 +458,11 @@ class Scheduler:
     def _reuse_prefix(self, r: int, req: Request) -> None:
         """Copy the longest kept prefix of req's prompt into row r (all of the prompt but its last token at
         most: that one's forward gives the first token's logits); the prefill starts after it."""
-        best, hit = 0, None
-        for i, (ids, _, _) in enumerate(self.prefixes):
-            n = 0
-            for a, b in zip(ids, req.ids[:-1]):
-                if a != b:
-                    break
-                n += 1
-            if n > best:
-                best, hit = n, i
+        shared = [len(os.path.commonprefix([ids, tuple(req.ids[:-1])])) for ids, _, _ in self.prefixes]
+        best = max(shared)
         if best < MIN_PREFIX:
             return
+        hit = shared.index(best)
         ids, ks, vs = self.prefixes.pop(hit)
         self.prefixes.append((ids, ks, vs))  # most recently used last
         for t, kept in zip((*self.cache.k, *self.cache.v), (*ks, *vs)):
@@ -479,11 +474,12 @@ class Scheduler:
         """Keep row r's prompt entries (just prefilled) for later prompts, dropping the least recently used
         ones past the token budget; a prompt already kept, or the start of one kept, is not kept again."""
         ids = tuple(req.ids)
-        if len(ids) < MIN_PREFIX or len(ids) > self.prefix_cache or any(k[:len(ids)] == ids for k, _, _ in self.prefixes):
+        n = len(ids)
+        if n < MIN_PREFIX or n > self.prefix_cache or any(k[:n] == ids for k, _, _ in self.prefixes):
             return
         self.prefixes = [e for e in self.prefixes if e[0] != ids[:len(e[0])]]  # kept ones this one extends
-        n = len(ids)
-        self.prefixes.append((ids, [k[r, :, :n].clone() for k in self.cache.k], [v[r, :, :n].clone() for v in self.cache.v]))
+        self.prefixes.append((ids, [k[r, :, :n].clone() for k in self.cache.k],
+                              [v[r, :, :n].clone() for v in self.cache.v]))
         while sum(len(e[0]) for e in self.prefixes) > self.prefix_cache:
             self.prefixes.pop(0)
 
