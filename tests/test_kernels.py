@@ -27,6 +27,7 @@ from llmgen.model.kv_cache import KVCache
 from llmgen.model.transformer import Attention, RMSNorm, Transformer, apply_rope, attend, rope_tables, swiglu
 from llmgen.model.transformer import gelu as transformer_gelu
 from llmgen.train.loop import TrainJob, train
+from llmgen.train.loss import linear_cross_entropy, softmax_grad_
 
 
 @pytest.mark.parametrize("rows,bias,inn,threads", [(1, False, 384, 2), (8, True, 384, 2), (3, False, 384, 2),
@@ -505,6 +506,39 @@ def test_attention_kernel_equals_torchs():
 
 
 @needs_training_kernels
+def test_cross_entropy_kernel_equals_torchs():
+    """The loss's softmax kernel: the same weighted loss sum and gradient rows as torch's ops (softmax_grad_)
+    and, through the chunked loss, as F.cross_entropy, for vocabularies on and off its 8-lane vectors,
+    extreme logits, ignored targets; a target outside the vocabulary is an error, not a read past the row."""
+    native.build(training.SOURCE, training.WHAT, 25)
+    torch.manual_seed(0)
+    for V in (11, 64, 4099):
+        x = torch.randn(37, V) * 5
+        x[0, 3], x[1, 0] = 80.0, -90.0
+        t, w = torch.randint(0, V, (37,)), torch.rand(37)
+        w[5] = 0.0
+        a, b = x.clone(), x.clone()
+        want, got = softmax_grad_(a, t, w), training.cross_entropy_grad(b, t, w)
+        assert got is not None and abs(got.item() - want.item()) <= 1e-5 * want.item()
+        assert torch.allclose(a, b, atol=1e-6) and b[5].abs().max() == 0
+    h, wt = torch.randn(300, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (300,))
+    t[::7] = -100
+    for kernel in (training.cross_entropy_grad, None):
+        loss = linear_cross_entropy(h, wt, t, kernel)
+        loss.backward()
+        ref_h, ref_w = h.detach().clone().requires_grad_(), wt.detach().clone().requires_grad_()
+        ref = F.cross_entropy(ref_h @ ref_w.t(), t, ignore_index=-100)
+        ref.backward()
+        assert torch.allclose(loss, ref, atol=1e-6)
+        assert torch.allclose(h.grad, ref_h.grad, atol=1e-6) and torch.allclose(wt.grad, ref_w.grad, atol=1e-6)
+        h.grad = wt.grad = None
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        training.cross_entropy_grad(torch.randn(4, 11), torch.tensor([0, 1, 11, 2]), torch.ones(4))
+    assert training.cross_entropy_grad(torch.randn(4, 11).double(), torch.zeros(4, dtype=torch.long), torch.ones(4)) is None
+
+
+@needs_training_kernels
 def test_training_with_the_kernels_follows_torchs_ops(tmp_path):
     """The same 8 steps with and without `train.kernels`: the start line says which ran, and the losses
     agree to float rounding."""
@@ -527,7 +561,7 @@ def test_training_with_the_kernels_follows_torchs_ops(tmp_path):
         losses[on] = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
                       if "loss" in json.loads(x)]
         assert all(m.kernel is (training.rms_norm if on else None) for m in model.modules() if isinstance(m, RMSNorm))
-    assert "fused RMSNorm/RoPE/attention/SwiGLU kernels" in lines[True] and "kernels" not in lines[False]
+    assert "fused RMSNorm/RoPE/attention/SwiGLU/cross-entropy kernels" in lines[True] and "kernels" not in lines[False]
     gpt2 = Transformer(ModelConfig(preset=None, arch="gpt2", n_layer=1, n_head=2, d_model=64, max_seq_len=16,
                                    vocab_size=64))
     assert training.enable(gpt2) == "fused attention/GELU kernels"

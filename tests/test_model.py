@@ -63,7 +63,7 @@ def test_linear_cross_entropy_chunks_and_scales_like_the_reference():
     w = torch.randn(11, 8, requires_grad=True)
     t = torch.randint(0, 11, (50,))
     t[::3] = -100
-    loss = _LinearCrossEntropy.apply(h, w, t, 7)  # 7 rows per chunk: uneven last chunk
+    loss = _LinearCrossEntropy.apply(h, w, t, 7, None)  # 7 rows per chunk: uneven last chunk
     (2.5 * loss).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None

@@ -40,6 +40,12 @@ inline float hsum(__m256 v) {
 }
 
 // sum_j a[j] * b[j]
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t j = 0;
@@ -364,6 +370,59 @@ at::Tensor gelu_backward(const at::Tensor& g_, const at::Tensor& x) {
   return dx;
 }
 
+// Cross-entropy over rows of logits (N, V), in place: row i becomes w_i (softmax(row) - onehot(t_i)), the
+// gradient of sum_i w_i (lse_i - row_i[t_i]), which is returned (fp32 scalar). A row with w_i = 0 becomes 0
+// (an ignored target). Three passes over a row while it is in cache: its maximum, exp(x - max) with their
+// sum, the scale by w / sum.
+at::Tensor cross_entropy_grad(at::Tensor logits, const at::Tensor& targets, const at::Tensor& weights) {
+  check_rows(logits, "logits");
+  check_rows(weights, "weights");
+  TORCH_CHECK(logits.dim() == 2, "logits must be (rows, vocabulary)");
+  TORCH_CHECK(targets.device().is_cpu() && targets.scalar_type() == at::kLong && targets.is_contiguous() &&
+                  targets.numel() == logits.size(0) && weights.numel() == logits.size(0),
+              "targets (int64) and weights (fp32) must have one entry per row of logits");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  float* x = logits.data_ptr<float>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  const float* wp = weights.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i)
+    TORCH_CHECK(wp[i] == 0.f || (tp[i] >= 0 && tp[i] < V), "target ", tp[i], " is outside the vocabulary of ", V);
+  std::vector<double> part(N, 0.0);
+  at::parallel_for(0, N, grain(V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = x + r * V;
+      const float w = wp[r];
+      if (w == 0.f) {
+        std::fill(row, row + V, 0.f);
+        continue;
+      }
+      const float picked = row[tp[r]];
+      __m256 mv = _mm256_set1_ps(-INFINITY);
+      int64_t j = 0;
+      for (; j + 8 <= V; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j));
+      float m = hmax(mv);
+      for (; j < V; ++j) m = std::max(m, row[j]);
+      mv = _mm256_set1_ps(m);
+      __m256 sv = _mm256_setzero_ps();
+      for (j = 0; j + 8 <= V; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), mv));
+        _mm256_storeu_ps(row + j, e);
+        sv = _mm256_add_ps(sv, e);
+      }
+      float sum = hsum(sv);
+      for (; j < V; ++j) sum += (row[j] = std::exp(row[j] - m));
+      part[r] = static_cast<double>(w) * (m + std::log(sum) - picked);
+      const __m256 scale = _mm256_set1_ps(w / sum);
+      for (j = 0; j + 8 <= V; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), scale));
+      for (; j < V; ++j) row[j] *= w / sum;
+      row[tp[r]] -= w;
+    }
+  });
+  double total = 0.0;
+  for (double v : part) total += v;
+  return at::scalar_tensor(static_cast<float>(total), logits.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) {
   return {at::empty_like(x), at::empty({x.numel() / x.size(-1)}, x.options())};
 }
@@ -516,12 +575,6 @@ void scatter(const float* src, int64_t rows, int64_t D, float scale, const Rows<
 inline __m256 below(int64_t j0, int64_t n) {
   return _mm256_cmp_ps(_mm256_add_ps(_mm256_set1_ps(static_cast<float>(j0)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)),
                        _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
 // P = exp(S - m) for the 4 rows from query i0, each over the keys up to its own position (the rest of the kc
@@ -783,6 +836,7 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("gelu_backward(Tensor g, Tensor x) -> Tensor");
   lib.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  lib.def("cross_entropy_grad(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor");
   // the same with their backward: one autograd node each
   lib.def("rms_norm_train(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def("rope_train(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -801,6 +855,7 @@ TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
   lib.impl("gelu_backward", gelu_backward);
   lib.impl("attention", attention);
   lib.impl("attention_backward", attention_backward);
+  lib.impl("cross_entropy_grad", cross_entropy_grad);
   lib.impl("rms_norm_train", rms_norm_train);  // under inference mode (no autograd key): forward only
   lib.impl("rope_train", rope_train);
   lib.impl("swiglu_train", swiglu_train);

@@ -1,4 +1,5 @@
-"""Fused RMSNorm, RoPE, causal attention, SwiGLU and GELU for training on the CPU (`training.cpp`).
+"""Fused RMSNorm, RoPE, causal attention, SwiGLU, GELU and the loss's softmax for training on the CPU
+(`training.cpp`).
 
 At the small widths people train on a CPU, the llama block's other parts cost as much as its matrix
 products: torch runs RMSNorm's backward on the CPU as ~15 separate kernels (it has no fused one there),
@@ -73,6 +74,14 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return ops.gelu_train(x)
 
 
+def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """train.loss.softmax_grad_ through the kernel (contiguous fp32 CPU logits): the weighted cross-entropy sum,
+    with the logits turned into its gradient in place; None where it does not apply (softmax_grad_ runs)."""
+    if not (_plain_cpu(logits, weights) and logits.is_contiguous() and logits.dim() == 2):
+        return None
+    return ops.cross_entropy_grad(logits, targets.contiguous(), weights.contiguous())
+
+
 # Past this many tokens torch's flash kernel, which tiles the keys, is the faster (docs/benchmarks.md).
 ATTENTION_MAX_LEN = 512
 
@@ -106,17 +115,19 @@ def missing() -> Optional[str]:
     return native.missing(WHAT)
 
 
-def enable(model: nn.Module) -> str:
+def enable(model: nn.Module, loss: Optional[nn.Module] = None) -> str:
     """Set the kernels on the RMSNorm, attention and MLP modules in `model` (a Transformer or a wrapper of
-    one), building them on first use; returns what the run uses, for its start line. Where they cannot
-    run, the model keeps torch's ops and the line says why; a failed build is reported the same way, never
-    an error (training runs without them)."""
+    one), and the cross-entropy kernel on `loss` (a train.loss.LanguageModelLoss: its `kernel` hook), building
+    them on first use; returns what the run uses, for its start line. Where they cannot run, the model keeps
+    torch's ops and the line says why; a failed build is reported the same way, never an error (training
+    runs without them)."""
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     rope = any(isinstance(m, Transformer) and m.cfg.positions == "rope" for m in model.modules())
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
     parts = [name for name, used in (("RMSNorm", norms), ("RoPE", attns if rope else []), ("attention", attns),
-                                     ("SwiGLU", [m for m in mlps if m.gated]), ("GELU", [m for m in mlps if not m.gated]))
+                                     ("SwiGLU", [m for m in mlps if m.gated]), ("GELU", [m for m in mlps if not m.gated]),
+                                     ("cross-entropy", [loss] if loss is not None else []))
              if used]
     if not parts:
         return "torch's ops (nothing to fuse)"
@@ -134,4 +145,6 @@ def enable(model: nn.Module) -> str:
         m.rotate, m.attend = rotate, attend
     for m in mlps:
         m.swiglu, m.gelu = swiglu, gelu
+    if loss is not None:
+        loss.kernel = cross_entropy_grad
     return f"fused {'/'.join(parts)} kernels"

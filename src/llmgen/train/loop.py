@@ -130,14 +130,15 @@ class Trainer:
         torch.manual_seed(t.seed + acc.process_index)
         optimizer = make_optimizer(model, t, acc.device.type, job.layer_lr_decay)
         self.net = model  # the network (or its peft wrapper; FSDP shards it in place): checkpoints, counts
-        # on the CPU, fused RMSNorm/RoPE/attention/SwiGLU/GELU (~25 % of a small model's eager step); compiled, inductor fuses them
-        self.kernels = kernels.enable(model) if t.kernels and acc.device.type == "cpu" and not t.compile else None
-        if acc.device.type == "cpu":
-            kernels.keep_freed_memory()  # each step reuses the last one's memory instead of faulting it back in
         # compiled on a GPU, inductor fuses logits + cross-entropy itself: the plain loss measured 3-8 % faster
         # steps than the chunked one there (gpt2-124m, H200), at the same peak memory
-        chunked = not (t.compile and acc.device.type == "cuda")
-        self.model, self.optimizer = acc.prepare(LanguageModelLoss(model, chunked), optimizer)
+        loss = LanguageModelLoss(model, chunked=not (t.compile and acc.device.type == "cuda"))
+        # on the CPU, fused RMSNorm/RoPE/attention/SwiGLU/GELU/softmax (~25 % of a small model's eager step);
+        # compiled, inductor fuses them
+        self.kernels = kernels.enable(model, loss) if t.kernels and acc.device.type == "cpu" and not t.compile else None
+        if acc.device.type == "cpu":
+            kernels.keep_freed_memory()  # each step reuses the last one's memory instead of faulting it back in
+        self.model, self.optimizer = acc.prepare(loss, optimizer)
         if saved is not None:
             if saved.get("distributed", "ddp") != t.distributed:
                 raise LlmgenError(f"this run was saved with train.distributed: {saved.get('distributed', 'ddp')}; "

@@ -6,6 +6,8 @@ that module to accelerate, so DDP/FSDP see the whole computation, vocabulary pro
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,13 +22,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     a fraction of the memory traffic (the vocabulary projection dominates small models' steps)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, rows):
+    def forward(ctx, h, weight, targets, rows, kernel):
         dev = h.device.type
         mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         valid = targets != -100
         scale = 1.0 / valid.sum().clamp_min(1).float()
         tgt = torch.where(valid, targets, 0)
-        weights = (valid.float() * scale).unsqueeze(1)  # (N, 1): each row's share of the mean
+        weights = valid.float() * scale  # (N,): each row's share of the mean
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
@@ -34,13 +36,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(mm)
         with torch.autocast(dev, enabled=False):
             for s in range(0, h.shape[0], rows):
-                hc, tc = h[s:s + rows].to(mm), tgt[s:s + rows, None]
+                hc = h[s:s + rows].to(mm)
                 logits = (hc @ w.t()).float()  # (rows, V)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                total += ((lse - logits.gather(1, tc)) * weights[s:s + rows]).sum()
-                g = logits.sub_(lse).exp_()  # softmax, in place
-                g.scatter_add_(1, tc, g.new_full(tc.shape, -1.0)).mul_(weights[s:s + rows])
-                g = g.to(mm)
+                part = kernel(logits, tgt[s:s + rows], weights[s:s + rows]) if kernel else None
+                if part is None:
+                    part = softmax_grad_(logits, tgt[s:s + rows], weights[s:s + rows])
+                total += part  # and the logits are now their gradient
+                g = logits.to(mm)
                 if need_h:
                     grad_h[s:s + rows] = g @ w
                 if need_w:
@@ -56,15 +58,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         del ctx.grads
         return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None, None, None)
+                grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None, None, None, None)
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i weights_i * cross-entropy(logits_i, targets_i), returned, with fp32 logits (N, V) turned in place into
+    its gradient, weights_i * (softmax(logits_i) - onehot(targets_i)), by torch's ops (the training kernels do it
+    in three passes a row, each row in cache: kernels/training.py, `cross_entropy_grad`)."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    total = ((lse - logits.gather(1, targets[:, None])).squeeze(1) * weights).sum()
+    g = logits.sub_(lse).exp_()  # softmax, in place
+    g.scatter_add_(1, targets[:, None], g.new_full((g.shape[0], 1), -1.0)).mul_(weights[:, None])
+    return total
+
+
+def chunk_rows(vocab: int, cuda: bool) -> int:
+    """Rows of logits a chunk takes: up to 256 MB of them on a GPU; on a CPU up to 8 MB but never under 512
+    rows, as the products lose speed on fewer (at a 49,152-token vocabulary the loss ran at 57 GFLOP/s with
+    16 rows a chunk, 151 with 512: docs/benchmarks.md)."""
+    return max(16, (1 << 28) // (vocab * 4)) if cuda else max(512, (1 << 23) // (vocab * 4))
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         kernel: Optional[Callable] = None) -> torch.Tensor:
     """F.cross_entropy(h @ weight.T, targets, ignore_index=-100), chunked (see _LinearCrossEntropy).
-    h (N, C), weight (V, C), targets (N,); 0 when no target is valid."""
-    per_row = weight.shape[0] * 4
-    budget = (1 << 28) if h.is_cuda else (1 << 21)  # bytes of fp32 logits per chunk
-    return _LinearCrossEntropy.apply(h, weight, targets, max(16, budget // per_row))
+    h (N, C), weight (V, C), targets (N,); 0 when no target is valid. `kernel`, where given, does
+    softmax_grad_'s work or returns None where it cannot (then softmax_grad_ runs)."""
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows(weight.shape[0], h.is_cuda), kernel)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -76,15 +96,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 class LanguageModelLoss(nn.Module):
     """model(x, y, **kw) -> the mean next-token loss. With gradients on and a plain bias-free head it is
     computed chunk by chunk from the hidden states (`linear_cross_entropy`) unless `chunked` is off;
-    otherwise (evaluation, a wrapped head) from the logits."""
+    otherwise (evaluation, a wrapped head) from the logits. `kernel` is the chunked loss's hook for a kernel
+    (see linear_cross_entropy; kernels/training.py sets it)."""
 
     def __init__(self, model: nn.Module, chunked: bool = True):
         super().__init__()
-        self.model, self.chunked = model, chunked
+        self.model, self.chunked, self.kernel = model, chunked, None
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor, **kw) -> torch.Tensor:
         head = self.model.lm_head
         if self.chunked and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None:
             h = self.model(x, hidden=True, **kw)  # (B, T, C)
-            return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1))
+            return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1), self.kernel)
         return cross_entropy(self.model(x, **kw), targets)
