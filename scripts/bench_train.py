@@ -8,11 +8,15 @@ one process, alternating rounds. Ours is the real trainer (`llmgen.train.loop.tr
 evaluation and checkpoints out of the way; tokens/s is read from its metrics.
 
     python scripts/bench_train.py --presets tiny,small --steps 20 --rounds 3
+
+`--model DIR` trains a checkpoint's network instead, from its weights on both sides (e.g. SmolLM2-135M after
+`llmgen import`: the step a full finetune of it takes), at its own vocabulary.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -29,10 +33,12 @@ from llmgen.config import build_config
 from llmgen.model.transformer import Transformer
 from llmgen.train.distributed import matmul_peak_flops
 from llmgen.data.shards import WindowSampler
+from llmgen.interop.hf import ours_to_hf
+from llmgen.model.checkpoint import load_weights, read_model_config
 from llmgen.train.loop import TrainJob, train
 
 
-def hf_model(mcfg):
+def hf_model(mcfg, weights=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hc = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=mcfg.ffn_hidden,
@@ -42,7 +48,13 @@ def hf_model(mcfg):
                      attention_bias=False, mlp_bias=False)
     hc._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return LlamaForCausalLM(hc)
+    model = LlamaForCausalLM(hc)
+    if weights is not None:  # the same weights as ours: our network's, renamed as HF names them
+        ours = Transformer(mcfg)
+        load_weights(ours, weights)
+        missing, unexpected = model.load_state_dict(ours_to_hf(ours.state_dict(), mcfg), strict=False)
+        assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+    return model
 
 
 def run_hf(model, sampler, steps, lr):
@@ -62,15 +74,17 @@ def run_hf(model, sampler, steps, lr):
     return statistics.median(rates[1:])
 
 
-def run_ours(preset, vocab, tokens_dir, steps, batch, seq_len, lr, work, compile_=False):
-    cfg = build_config({"model": {"preset": preset, "vocab_size": vocab, "max_seq_len": max(seq_len, 64)},
+def run_ours(model_spec, tokens_dir, steps, batch, seq_len, lr, work, compile_=False, weights=None):
+    cfg = build_config({"model": model_spec,
                         "run_dir": str(work), "train": {"max_steps": steps, "batch_size": batch, "seq_len": seq_len,
                                                         "lr": lr, "min_lr": lr / 10, "warmup_steps": 2,
                                                         "log_every": 1, "eval_every": 10 ** 9,
                                                         "save_every": 10 ** 9, "compile": compile_}})
     torch.manual_seed(0)
     model = Transformer(cfg.model)
-    tokens = np.fromfile(tokens_dir, dtype=np.uint16)
+    if weights is not None:
+        load_weights(model, weights)
+    tokens = np.fromfile(tokens_dir, dtype=np.uint16 if cfg.model.vocab_size <= 65536 else np.uint32)
     sampler = WindowSampler(tokens, batch, seq_len, 0)
     train(cfg, model, TrainJob("pretrain", sampler, {}, Path(work)), overwrite=True)
     recs = [json.loads(x) for x in (Path(work) / "metrics.jsonl").read_text().splitlines()]
@@ -87,30 +101,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="ours with train.compile: true")
+    ap.add_argument("--model", help="an llmgen checkpoint folder: train its network from its weights instead of presets")
     ap.add_argument("--out", default="bench_out/train.json")
     args = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     peak = matmul_peak_flops(torch.device("cpu"))
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    rng = np.random.default_rng(0)
-    # Zipf-like token stream: realistic enough for throughput, identical for both sides
-    data = (rng.zipf(1.2, size=2_000_000) % args.vocab_size).astype(np.uint16)
-    data_file = work / "tokens.bin"
-    data.tofile(data_file)
+    if args.model:  # (name, model section, weights)
+        mcfg = read_model_config(Path(args.model))[0]
+        targets = [(Path(args.model).name, {**dataclasses.asdict(mcfg), "preset": None}, Path(args.model))]
+    else:
+        targets = [(preset, {"preset": preset, "vocab_size": args.vocab_size, "max_seq_len": max(args.seq_len, 64)}, None)
+                   for preset in args.presets.split(",")]
     rows = []
-    for preset in args.presets.split(","):
+    for name, spec, weights in targets:
+        mcfg = build_config({"model": spec}).model
+        rng = np.random.default_rng(0)
+        # Zipf-like token stream: realistic enough for throughput, identical for both sides
+        data = (rng.zipf(1.2, size=2_000_000) % mcfg.vocab_size).astype(np.uint16 if mcfg.vocab_size <= 65536 else np.uint32)
+        data_file = work / f"tokens-{name}.bin"
+        data.tofile(data_file)
         ours_r, hf_r = [], []
         n_params = fpt = None
         for _ in range(args.rounds):
-            r, n_params, fpt = run_ours(preset, args.vocab_size, data_file, args.steps, args.batch_size,
-                                        args.seq_len, 1e-3, work / f"run_{preset}", args.compile)
+            r, n_params, fpt = run_ours(spec, data_file, args.steps, args.batch_size, args.seq_len, 1e-3,
+                                        work / f"run_{name}", args.compile, weights)
             ours_r.append(r)
-            mcfg = build_config({"model": {"preset": preset, "vocab_size": args.vocab_size,
-                                           "max_seq_len": max(args.seq_len, 64)}}).model
             sampler = WindowSampler(data, args.batch_size, args.seq_len, 0)
-            hf_r.append(run_hf(hf_model(mcfg), sampler, args.steps, 1e-3))
+            hf_r.append(run_hf(hf_model(mcfg, weights), sampler, args.steps, 1e-3))
         ours, hf = statistics.median(ours_r), statistics.median(hf_r)
-        row = dict(preset=preset + (" (compiled)" if args.compile else ""), params_m=round(n_params / 1e6, 2), ours_tok_s=round(ours), hf_tok_s=round(hf),
+        row = dict(preset=name + (" (compiled)" if args.compile else ""), params_m=round(n_params / 1e6, 2), ours_tok_s=round(ours), hf_tok_s=round(hf),
                    ratio=round(ours / hf, 2), ours_mfu=round(ours * fpt / peak, 3), hf_mfu=round(hf * fpt / peak, 3),
                    rounds_ours=[round(x) for x in ours_r], rounds_hf=[round(x) for x in hf_r])
         rows.append(row)
