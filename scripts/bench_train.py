@@ -10,7 +10,9 @@ evaluation and checkpoints out of the way; tokens/s is read from its metrics.
     python scripts/bench_train.py --presets tiny,small --steps 20 --rounds 3
 
 `--model DIR` trains a checkpoint's network instead, from its weights on both sides (e.g. SmolLM2-135M after
-`llmgen import`: the step a full finetune of it takes), at its own vocabulary.
+`llmgen import`: the step a full finetune of it takes), at its own vocabulary; with `--lora`, LoRA adapters
+through peft on both sides (llmgen's default finetune.lora: r 8, alpha 16, dropout 0.05, the attention
+projections), the base frozen.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ import numpy as np
 import torch
 
 from benchlib import report
-from llmgen.config import build_config
+from llmgen.config import LoraConfig, build_config
 from llmgen.model.transformer import Transformer
 from llmgen.train.distributed import matmul_peak_flops
 from llmgen.data.shards import WindowSampler
 from llmgen.interop.hf import ours_to_hf
 from llmgen.model.checkpoint import load_weights, read_model_config
+from llmgen.model.lora import apply_lora
 from llmgen.train.loop import TrainJob, train
 
 
-def hf_model(mcfg, weights=None):
+def hf_model(mcfg, weights=None, lora=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hc = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=mcfg.ffn_hidden,
@@ -54,11 +57,17 @@ def hf_model(mcfg, weights=None):
         load_weights(ours, weights)
         missing, unexpected = model.load_state_dict(ours_to_hf(ours.state_dict(), mcfg), strict=False)
         assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+    if lora:  # llmgen's finetune.lora defaults, under HF's names
+        import peft
+
+        lc = LoraConfig()
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     return model
 
 
 def run_hf(model, sampler, steps, lr):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     rates = []
     for step in range(steps):
@@ -67,14 +76,14 @@ def run_hf(model, sampler, steps, lr):
         out = model(input_ids=x, labels=None)
         loss = torch.nn.functional.cross_entropy(out.logits.view(-1, out.logits.size(-1)), y.reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         rates.append(x.numel() / (time.perf_counter() - t0))
     return statistics.median(rates[1:])
 
 
-def run_ours(model_spec, tokens_dir, steps, batch, seq_len, lr, work, compile_=False, weights=None):
+def run_ours(model_spec, tokens_dir, steps, batch, seq_len, lr, work, compile_=False, weights=None, lora=False):
     cfg = build_config({"model": model_spec,
                         "run_dir": str(work), "train": {"max_steps": steps, "batch_size": batch, "seq_len": seq_len,
                                                         "lr": lr, "min_lr": lr / 10, "warmup_steps": 2,
@@ -84,12 +93,16 @@ def run_ours(model_spec, tokens_dir, steps, batch, seq_len, lr, work, compile_=F
     model = Transformer(cfg.model)
     if weights is not None:
         load_weights(model, weights)
+    n_params, flops = model.num_params(), model.flops_per_token(seq_len)
+    if lora:  # the frozen weights take no gradient products: 4 N (forward and input gradients) instead of 6 N
+        flops -= 2 * model.num_params(non_embedding=True)
+        model = apply_lora(model, LoraConfig())
     tokens = np.fromfile(tokens_dir, dtype=np.uint16 if cfg.model.vocab_size <= 65536 else np.uint32)
     sampler = WindowSampler(tokens, batch, seq_len, 0)
     train(cfg, model, TrainJob("pretrain", sampler, {}, Path(work)), overwrite=True)
     recs = [json.loads(x) for x in (Path(work) / "metrics.jsonl").read_text().splitlines()]
     skip = 3 if compile_ else 1  # the first steps include compilation
-    return statistics.median(r["tokens_per_s"] for r in recs[skip:]), model.num_params(), model.flops_per_token(seq_len)
+    return statistics.median(r["tokens_per_s"] for r in recs[skip:]), n_params, flops
 
 
 def main() -> None:
@@ -102,6 +115,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="ours with train.compile: true")
     ap.add_argument("--model", help="an llmgen checkpoint folder: train its network from its weights instead of presets")
+    ap.add_argument("--lora", action="store_true", help="with --model: LoRA adapters on both sides (peft), the base frozen")
     ap.add_argument("--out", default="bench_out/train.json")
     args = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
@@ -125,12 +139,12 @@ def main() -> None:
         n_params = fpt = None
         for _ in range(args.rounds):
             r, n_params, fpt = run_ours(spec, data_file, args.steps, args.batch_size, args.seq_len, 1e-3,
-                                        work / f"run_{name}", args.compile, weights)
+                                        work / f"run_{name}", args.compile, weights, args.lora)
             ours_r.append(r)
             sampler = WindowSampler(data, args.batch_size, args.seq_len, 0)
-            hf_r.append(run_hf(hf_model(mcfg, weights), sampler, args.steps, 1e-3))
+            hf_r.append(run_hf(hf_model(mcfg, weights, args.lora), sampler, args.steps, 1e-3))
         ours, hf = statistics.median(ours_r), statistics.median(hf_r)
-        row = dict(preset=name + (" (compiled)" if args.compile else ""), params_m=round(n_params / 1e6, 2), ours_tok_s=round(ours), hf_tok_s=round(hf),
+        row = dict(preset=name + (" (LoRA)" if args.lora else "") + (" (compiled)" if args.compile else ""), params_m=round(n_params / 1e6, 2), ours_tok_s=round(ours), hf_tok_s=round(hf),
                    ratio=round(ours / hf, 2), ours_mfu=round(ours * fpt / peak, 3), hf_mfu=round(hf * fpt / peak, 3),
                    rounds_ours=[round(x) for x in ours_r], rounds_hf=[round(x) for x in hf_r])
         rows.append(row)
