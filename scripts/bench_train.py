@@ -3,9 +3,11 @@
 
 Both sides train a Llama-shaped model of the same size (our `model.preset`, exported as a
 `LlamaForCausalLM` config: same layers, heads, KV heads, MLP width, vocabulary, tied
-embeddings), with AdamW, the same batch size, sequence length and token windows, in fp32, in
-one process, alternating rounds. Ours is the real trainer (`llmgen.train.loop.train`) with
-evaluation and checkpoints out of the way; tokens/s is read from its metrics.
+embeddings), with AdamW, the same batch size, sequence length and token windows, in fp32,
+alternating rounds. Ours is the real trainer (`llmgen.train.loop.train`) with evaluation and
+checkpoints out of the way; tokens/s is read from its metrics. Each HF round runs in a fresh process
+(glibc's malloc at its defaults, as a user's loop has it; llmgen's trainer sets it to keep freed memory
+for the next step, process-wide); `--hf-same-process` runs it here instead, with that setting.
 
     python scripts/bench_train.py --presets tiny,small --steps 20 --rounds 3
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -64,6 +67,13 @@ def hf_model(mcfg, weights=None, lora=False):
         model = peft.get_peft_model(model, peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     return model
+
+
+def hf_round(mcfg, weights, lora, data_file, batch, seq_len, steps, lr):
+    """One round of the HF loop from scratch (model, data): run in a process of its own by default."""
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    data = np.fromfile(data_file, dtype=np.uint16 if mcfg.vocab_size <= 65536 else np.uint32)
+    return run_hf(hf_model(mcfg, weights, lora), WindowSampler(data, batch, seq_len, 0), steps, lr)
 
 
 def run_hf(model, sampler, steps, lr):
@@ -116,6 +126,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="ours with train.compile: true")
     ap.add_argument("--model", help="an llmgen checkpoint folder: train its network from its weights instead of presets")
     ap.add_argument("--lora", action="store_true", help="with --model: LoRA adapters on both sides (peft), the base frozen")
+    ap.add_argument("--hf-same-process", action="store_true",
+                    help="run the HF loop in this process, after llmgen's trainer has set malloc to keep freed memory "
+                         "(training.keep_freed_memory), instead of in a fresh process with glibc's defaults")
     ap.add_argument("--out", default="bench_out/train.json")
     args = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
@@ -141,8 +154,12 @@ def main() -> None:
             r, n_params, fpt = run_ours(spec, data_file, args.steps, args.batch_size, args.seq_len, 1e-3,
                                         work / f"run_{name}", args.compile, weights, args.lora)
             ours_r.append(r)
-            sampler = WindowSampler(data, args.batch_size, args.seq_len, 0)
-            hf_r.append(run_hf(hf_model(mcfg, weights, args.lora), sampler, args.steps, 1e-3))
+            hf_args = (mcfg, weights, args.lora, data_file, args.batch_size, args.seq_len, args.steps, 1e-3)
+            if args.hf_same_process:
+                hf_r.append(hf_round(*hf_args))
+            else:  # glibc's malloc as a user's HF loop has it, not as llmgen's trainer set it in this process
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    hf_r.append(pool.apply(hf_round, hf_args))
         ours, hf = statistics.median(ours_r), statistics.median(hf_r)
         row = dict(preset=name + (" (LoRA)" if args.lora else "") + (" (compiled)" if args.compile else ""), params_m=round(n_params / 1e6, 2), ours_tok_s=round(ours), hf_tok_s=round(hf),
                    ratio=round(ours / hf, 2), ours_mfu=round(ours * fpt / peak, 3), hf_mfu=round(hf * fpt / peak, 3),

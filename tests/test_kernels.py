@@ -603,8 +603,9 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_memory_is_kept_for_the_next_step():
-    """A step's worth of megabyte blocks, freed and made again: glibc maps them fresh each time by default
-    (thousands of page faults a step); after keep_freed_memory the next step reuses them."""
+    """A step's worth of megabyte blocks and one of 100 MB (a SmolLM2-sized gradient), freed and made again:
+    glibc maps them fresh each time by default (thousands of page faults a step); after keep_freed_memory the
+    next step reuses them."""
     code = """if True:
         import resource, sys, torch
         from llmgen.kernels import training
@@ -612,6 +613,7 @@ def test_freed_memory_is_kept_for_the_next_step():
             assert training.keep_freed_memory()
         def step():
             blocks = [torch.ones(300_000 + 1000 * i) for i in range(12)]  # activations, alive together
+            blocks.append(torch.ones(25_000_000))  # 100 MB: past what glibc keeps without being told
             del blocks
         step(), step()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -31,7 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weights = valid.float() * scale  # (N,): each row's share of the mean
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = None  # the first chunk's product, then the others added in (no pass zeroing it first)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         w = weight.to(mm)
         with torch.autocast(dev, enabled=False):
@@ -46,10 +46,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + rows] = g @ w
                 if need_w:
-                    if mm == torch.float32:
+                    if grad_w is not None and mm == torch.float32:
                         grad_w.addmm_(g.t(), hc)
                     else:
-                        grad_w += (g.t() @ hc).float()
+                        part_w = (g.t() @ hc).float()
+                        grad_w = part_w if grad_w is None else grad_w.add_(part_w)
+        if need_w and grad_w is None:  # no rows
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total
 
@@ -57,8 +60,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.grads
         del ctx.grads
-        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None, None, None, None)
+        # scaled in place: a new (vocabulary x width) tensor is ~110 MB at SmolLM2's size, mapped fresh and
+        # faulted in page by page each step
+        return (grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None,
+                grad_w.mul_(grad_out.to(grad_w.dtype)) if grad_w is not None else None, None, None, None)
 
 
 def softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
