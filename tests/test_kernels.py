@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from llmgen.config import ModelConfig, build_config, load_config
+from llmgen.data.sft import segment_mask
 from llmgen.data.shards import WindowSampler
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.errors import LlmgenError
@@ -471,9 +472,10 @@ def test_training_kernels_equal_torchs_ops(shape):
 def test_attention_kernel_equals_torchs():
     """Causal attention through the kernel: torch's output and gradients (float64 reference) for head
     counts with and without grouped-query sharing, lengths off the kernel's 4-row and 16-key blocks, one
-    token, head sizes 16-64 and q/k/v as the model's transposed views; bf16 at least as close to the exact
-    result as torch's own bf16; where it does not apply (a mask, dropout, a cache, a long context, an
-    odd head size) torch's attention runs."""
+    token, head sizes 16-64 and q/k/v as the model's transposed views, finetuning's packed and padded rows
+    (each query's keys a run ending at itself); bf16 at least as close to the exact result as torch's own
+    bf16; where it does not apply (any other mask, dropout, a cache, a long context, an odd head size)
+    torch's attention runs."""
     native.build(training.SOURCE, training.WHAT, 25)
     torch.manual_seed(0)
 
@@ -496,8 +498,19 @@ def test_attention_kernel_equals_torchs():
     assert y.dtype == torch.bfloat16 and "AttentionFn" in training.attend(*half, None, 0.0).grad_fn.name()
     for a, t, r in zip([y, *grads], [yt, *gt], [yr, *gr]):
         assert (a.double() - r).abs().max() <= (t.double() - r).abs().max() + 1e-2 * r.abs().max()
+    # finetuning rows: examples packed one after another and padding, each token seeing its own example's keys
+    seg = torch.tensor([[0] * 20 + [1] * 30 + [2] * 9 + [-1] * 5, [0] * 61 + [-1] * 3])
+    packed = segment_mask(seg)
+    q, k, v, g = heads(2, 64, 4, 32), heads(2, 64, 2, 32), heads(2, 64, 2, 32), torch.randn(2, 4, 64, 32)
+    y, grads = grads_of(lambda q, k, v: training.attend(q, k, v, packed, 0.0), q, k, v, g=g)
+    want, wgrads = grads_of(lambda q, k, v: attend(q, k, v, packed, 0.0), *(t.double() for t in (q, k, v)), g=g.double())
+    assert "AttentionFn" in training.attend(q, k, v, packed, 0.0).grad_fn.name()
+    assert torch.equal(training.first_keys(packed)[0, 18:23], torch.tensor([0, 0, 20, 20, 20]))
+    for a, b in zip([y, *grads], [want, *wgrads]):
+        assert torch.allclose(a.double(), b, atol=1e-5)
     q, k, v = heads(1, 8, 2, 32), heads(1, 8, 2, 32), heads(1, 8, 2, 32)
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    mask[0, 0, 5, 2] = False  # a hole: not a run of keys
     cached = heads(1, 12, 2, 32)
     for args in [(q, k, v, mask, 0.0), (q, k, v, None, 0.1), (q, cached, cached, None, 0.0),
                  (heads(1, 600, 1, 16),) * 3 + (None, 0.0), (heads(1, 8, 2, 24),) * 3 + (None, 0.0)]:

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -454,8 +455,10 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_meta(const at::Tensor&, const
 // recomputes P and accumulates dK and dV for a KV head over the query heads that share it (grouped-query
 // attention): ds = P (dP - rowsum(dO * O)), dq = scale ds K, dk = scale ds^T q, dv = P^T dO.
 //
-//   attention(q, k, v, scale) -> (o, lse)                  q (B, H, T, D), k, v (B, Hk, T, D), lse (B, H, T)
-//   attention_backward(g, q, k, v, o, lse, scale) -> (dq, dk, dv)
+//   attention(q, k, v, scale, starts) -> (o, lse)          q (B, H, T, D), k, v (B, Hk, T, D), lse (B, H, T)
+//   attention_backward(g, q, k, v, o, lse, scale, starts) -> (dq, dk, dv)
+// starts (B, T), optional: each query's first key (examples packed into a row, padding: each token sees the
+// keys of its own example only); the keys before it are computed and masked like those after the query.
 // Rows of D must be contiguous (any other strides); o, dq, dk, dv come back as transposed views of
 // (B, T, heads, D) tensors, the layout the model reshapes them from and to. fp32 or bf16 (computed in fp32).
 
@@ -577,14 +580,18 @@ inline __m256 below(int64_t j0, int64_t n) {
                        _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
 }
 
-// P = exp(S - m) for the 4 rows from query i0, each over the keys up to its own position (the rest of the kc
-// and rows past T: exactly 0). With lse given, m = lse (P comes out normalised, as the backward wants);
-// without, m is the row's maximum, and each row's 1 / sum goes to inv_out and its log-sum-exp to lse_out.
-void causal_softmax4(float* S, int64_t ld, int64_t i0, int64_t T, int64_t kc, const float* lse, float* inv_out,
-                     float* lse_out) {
+// P = exp(S - m) for the 4 rows from query i0, each over the keys from first[r] up to its own position (the
+// rest of the kc and rows past T: exactly 0). With lse given, m = lse (P comes out normalised, as the backward
+// wants); without, m is the row's maximum, and each row's 1 / sum goes to inv_out and its log-sum-exp to lse_out.
+void causal_softmax4(float* S, int64_t ld, int64_t i0, int64_t T, int64_t kc, const int64_t* first, const float* lse,
+                     float* inv_out, float* lse_out) {
   for (int64_t r = 0; r < kRows; ++r) {
     float* s = S + r * ld;
-    const int64_t n = i0 + r + 1, nv = round_up(n, 8);
+    const int64_t n = i0 + r + 1, nv = round_up(n, 8), f = first[r];
+    auto keep = [&](int64_t j) {  // lanes j .. j + 7 in [f, n)
+      const __m256 m = below(j, n);
+      return j < f ? _mm256_andnot_ps(below(j, f), m) : m;
+    };
     if (n > T) {
       std::fill(s, s + kc, 0.f);
       if (!lse) inv_out[r] = 0.f;
@@ -596,13 +603,13 @@ void causal_softmax4(float* S, int64_t ld, int64_t i0, int64_t T, int64_t kc, co
     } else {
       __m256 vm = _mm256_set1_ps(-INFINITY);
       for (int64_t j = 0; j < nv; j += 8)
-        vm = _mm256_max_ps(vm, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j), below(j, n)));
+        vm = _mm256_max_ps(vm, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j), keep(j)));
       m = hmax(vm);
     }
     const __m256 mv = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t j = 0; j < nv; j += 8) {
-      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)), below(j, n));
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)), keep(j));
       _mm256_storeu_ps(s + j, e);
       acc = _mm256_add_ps(acc, e);
     }
@@ -627,13 +634,33 @@ void check_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) 
   TORCH_CHECK(q.size(3) % 16 == 0, "attention: head size ", q.size(3), " is not a multiple of 16");
 }
 
+// each query's first key: starts (B, T) int64 where given (packed or padded rows: the keys of its own sequence),
+// else 0 (plain causal)
+const int64_t* first_keys(const std::optional<at::Tensor>& starts, const at::Tensor& q) {
+  if (!starts) return nullptr;
+  TORCH_CHECK(starts->device().is_cpu() && starts->scalar_type() == at::kLong && starts->is_contiguous() &&
+                  starts->dim() == 2 && starts->size(0) == q.size(0) && starts->size(1) == q.size(2),
+              "attention: starts must be a contiguous (B, T) int64 CPU tensor");
+  const int64_t* p = starts->data_ptr<int64_t>();
+  for (int64_t i = 0; i < starts->numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] <= i % q.size(2), "attention: a query's first key must be at or before it");
+  return p;
+}
+
+// the first keys of the 4 rows from query i0 of batch row b (rows past T: 0)
+inline void first4(const int64_t* st, int64_t b, int64_t i0, int64_t T, int64_t* out) {
+  for (int64_t r = 0; r < kRows; ++r) out[r] = st && i0 + r < T ? st[b * T + i0 + r] : 0;
+}
+
 // a (B, heads, T, D) view of a new (B, T, heads, D) tensor
 at::Tensor heads_view(const at::Tensor& like, int64_t heads, at::ScalarType dtype) {
   return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options().dtype(dtype)).transpose(1, 2);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                             const std::optional<at::Tensor>& starts) {
   check_heads(q, k, v);
+  const int64_t* st = first_keys(starts, q);
   const int64_t Bn = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), group = H / Hk;
   const int64_t Tr = round_up(T, kRows), Tp = round_up(T, kKeys);
   at::Tensor o = heads_view(q, H, q.scalar_type());
@@ -653,7 +680,9 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
           const int64_t kc = round_up(std::min(i0 + kRows, T), kKeys);
           scores4(qs.data() + i0 * D, kt.data(), D, Tp, kc, s.data());
           float lse4[kRows], inv[kRows];
-          causal_softmax4(s.data(), Tp, i0, T, kc, nullptr, inv, lse4);
+          int64_t f4[kRows];
+          first4(st, b, i0, T, f4);
+          causal_softmax4(s.data(), Tp, i0, T, kc, f4, nullptr, inv, lse4);
           times4(s.data(), Tp, 1, vs.data(), kc, D, out.data(), false);  // unnormalised: each row times its 1 / sum
           const int64_t rows = std::min(kRows, T - i0);
           for (int64_t r = 0; r < rows; ++r) scatter(out.data() + r * D, 1, D, inv[r], O, b, h, i0 + r);
@@ -668,8 +697,10 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                                                                   const at::Tensor& v, const at::Tensor& o,
-                                                                  const at::Tensor& lse_, double scale) {
+                                                                  const at::Tensor& lse_, double scale,
+                                                                  const std::optional<at::Tensor>& starts) {
   check_heads(q, k, v);
+  const int64_t* st = first_keys(starts, q);
   TORCH_CHECK(g.sizes() == q.sizes() && o.sizes() == q.sizes() && g.scalar_type() == q.scalar_type() &&
                   o.scalar_type() == q.scalar_type() && g.stride(3) == 1 && o.stride(3) == 1,
               "attention_backward: grad and output must match q");
@@ -704,7 +735,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
             std::copy(lrow + i0, lrow + i0 + rows, l4);
             float *pb = p.data() + i0 * Tp, *db = ds.data() + i0 * Tp;
             scores4(qs.data() + i0 * D, kt.data(), D, Tp, kc, pb);
-            causal_softmax4(pb, Tp, i0, T, kc, l4, nullptr, nullptr);
+            int64_t f4[kRows];
+            first4(st, b, i0, T, f4);
+            causal_softmax4(pb, Tp, i0, T, kc, f4, l4, nullptr, nullptr);
             scores4(go.data() + i0 * D, vt.data(), D, Tp, kc, db);  // dP = dO V^T
             for (int64_t r = 0; r < kRows; ++r) {  // dS = P (dP - delta)
               const __m256 dl = _mm256_set1_ps(delta[i0 + r]);
@@ -733,13 +766,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   return {dq, dk, dv};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, double) {
+std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, double,
+                                                  const std::optional<at::Tensor>&) {
   return {heads_view(q, q.size(1), q.scalar_type()), at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(const at::Tensor&, const at::Tensor& q,
                                                                        const at::Tensor& k, const at::Tensor& v,
-                                                                       const at::Tensor&, const at::Tensor&, double) {
+                                                                       const at::Tensor&, const at::Tensor&, double,
+                                                                       const std::optional<at::Tensor>&) {
   return {heads_view(q, q.size(1), q.scalar_type()), heads_view(k, k.size(1), q.scalar_type()),
           heads_view(v, v.size(1), q.scalar_type())};
 }
@@ -802,17 +837,21 @@ struct GELUFn : torch::autograd::Function<GELUFn> {
 };
 
 struct AttentionFn : torch::autograd::Function<AttentionFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-    auto [o, lse] = attention(q, k, v, scale);
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                            const std::optional<at::Tensor>& starts) {
+    auto [o, lse] = attention(q, k, v, scale, starts);
     ctx->save_for_backward({q, k, v, o, lse});
     ctx->saved_data["scale"] = scale;
+    if (starts) ctx->saved_data["starts"] = *starts;
     return o;
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     const auto s = ctx->get_saved_variables();
     const at::Tensor grad = g[0].stride(3) == 1 ? g[0] : g[0].contiguous();
-    auto [dq, dk, dv] = attention_backward(grad, s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble());
-    return {dq, dk, dv, at::Tensor()};
+    std::optional<at::Tensor> starts;
+    if (ctx->saved_data.count("starts")) starts = ctx->saved_data["starts"].toTensor();
+    auto [dq, dk, dv] = attention_backward(grad, s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble(), starts);
+    return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -820,8 +859,9 @@ at::Tensor rms_norm_train(const at::Tensor& x, const at::Tensor& w, double eps) 
 at::Tensor rope_train(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) { return RopeFn::apply(x, c, s); }
 at::Tensor swiglu_train(const at::Tensor& a, const at::Tensor& u) { return SwiGLUFn::apply(a, u); }
 at::Tensor gelu_train(const at::Tensor& x) { return GELUFn::apply(x); }
-at::Tensor attention_train(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  return AttentionFn::apply(q, k, v, scale);
+at::Tensor attention_train(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                           const std::optional<at::Tensor>& starts) {
+  return AttentionFn::apply(q, k, v, scale, starts);
 }
 
 }  // namespace
@@ -834,15 +874,15 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("swiglu_backward(Tensor g, Tensor a, Tensor u) -> (Tensor, Tensor)");
   lib.def("gelu(Tensor x) -> Tensor");
   lib.def("gelu_backward(Tensor g, Tensor x) -> Tensor");
-  lib.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  lib.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None) -> (Tensor, Tensor)");
+  lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? starts=None) -> (Tensor, Tensor, Tensor)");
   lib.def("cross_entropy_grad(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor");
   // the same with their backward: one autograd node each
   lib.def("rms_norm_train(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def("rope_train(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   lib.def("swiglu_train(Tensor a, Tensor u) -> Tensor");
   lib.def("gelu_train(Tensor x) -> Tensor");
-  lib.def("attention_train(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  lib.def("attention_train(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {

@@ -11,8 +11,8 @@ rounding once. On the shakespeare-char shape (4 x 128, batch 12 x 64) they took 
 docs/benchmarks.md has the measurements. The kernels are built on the first training run on a machine
 (`native.py`, ~25 s) and set on the model's `RMSNorm.kernel`, `Attention.rotate`, `Attention.attend`,
 `MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or devices, odd head sizes,
-masks, dropout, a KV cache, long contexts) takes the plain path, so the hooks are safe wherever the
-model then runs.
+masks other than finetuning's packed and padded rows, dropout, a KV cache, long contexts) takes the
+plain path, so the hooks are safe wherever the model then runs.
 """
 
 from __future__ import annotations
@@ -86,14 +86,39 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, weights: tor
 ATTENTION_MAX_LEN = 512
 
 
+_starts_of: tuple = (None, None)  # (the last mask seen, its first keys): every layer gets the same mask
+
+
+def first_keys(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B, T) int64: each query's first key, where the (B, 1, T, T) bool mask lets each query see exactly the keys
+    from that one to itself (SFT's packed and padded rows: data.sft.segment_mask); None for any other mask."""
+    global _starts_of
+    if _starts_of[0] is mask:
+        return _starts_of[1]
+    starts = None
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]:
+        first = mask[:, 0].to(torch.uint8).argmax(-1)  # (B, T): the first key each query may see
+        j = torch.arange(mask.shape[3])
+        if torch.equal(mask[:, 0], (j >= first[..., None]) & (j <= j[:, None])):
+            starts = first.contiguous()
+    _starts_of = (mask, starts)
+    return starts
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
-    """transformer.attend through the causal kernel where it applies: no mask, no dropout, as many keys as
-    queries (no cache) up to ATTENTION_MAX_LEN, fp32 or bf16 CPU tensors, head size a multiple of 16."""
+    """transformer.attend through the causal kernel where it applies: no mask or one that keeps each query to
+    a run of keys ending at itself (packed or padded finetuning rows), no dropout, as many keys as queries (no
+    cache) up to ATTENTION_MAX_LEN, fp32 or bf16 CPU tensors, head size a multiple of 16."""
     T, D = q.shape[2], q.shape[3]
-    if (mask is not None or p > 0 or k.shape[2] != T or T > ATTENTION_MAX_LEN or D % 16 or not _plain_cpu(q, k, v, bf16=True)
+    if (p > 0 or k.shape[2] != T or T > ATTENTION_MAX_LEN or D % 16 or not _plain_cpu(q, k, v, bf16=True)
             or not q.dtype == k.dtype == v.dtype or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
         return transformer.attend(q, k, v, mask, p)
-    return ops.attention_train(q, k, v, D ** -0.5)
+    starts = None
+    if mask is not None:
+        starts = first_keys(mask) if mask.device.type == "cpu" and mask.shape[0] == q.shape[0] else None
+        if starts is None:
+            return transformer.attend(q, k, v, mask, p)
+    return ops.attention_train(q, k, v, D ** -0.5, starts)
 
 
 def keep_freed_memory() -> bool:
