@@ -16,7 +16,8 @@ CPU), so nanoGPT's side, in the same process, has it too.
     python scripts/bench_step.py [--nanogpt <clone source>] [--steps 60] [--rounds 3]
 
 `--attention` times the causal attention alone instead: llmgen's kernel against torch's
-scaled_dot_product_attention (its flash kernel on the CPU), forward and backward, alternating call by call,
+scaled_dot_product_attention (its flash kernel on the CPU; with the mask, for finetuning's packed rows),
+forward and backward, alternating call by call,
 at the shakespeare-char shape and at the batch x heads x length x head size of the `small`, `llama-110m` and
 longer-context steps.
 
@@ -38,7 +39,9 @@ import torch
 
 from benchlib import report
 from llmgen.config import build_config
+from llmgen.data.sft import segment_mask
 from llmgen.kernels import training
+from llmgen.model import transformer
 from llmgen.model.transformer import Transformer
 from llmgen.train.loss import LanguageModelLoss
 from llmgen.train.optim import fold_clip, make_optimizer
@@ -74,15 +77,25 @@ ATTENTION_SHAPES = [(12, 4, 64, 32), (16, 6, 128, 64), (4, 12, 128, 64), (4, 6, 
                     (1, 12, 1024, 64)]
 
 
+PACKED = [(8, 256), (4, 512)]  # batch, tokens: finetuning rows with examples packed and padding
+
+
 def bench_attention(steps: int, out: str) -> None:
     training.enable(Transformer(build_config({"model": {"preset": "tiny", "vocab_size": 64}}).model))  # builds the kernels
     rows, result = [], {"steps": steps, "shapes": {}}
-    for B, H, T, D in ATTENTION_SHAPES:
+    for B, H, T, D, packed in [(*shape, False) for shape in ATTENTION_SHAPES] + [(s, 6, t, 64, True) for s, t in PACKED]:
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, T, H, D).transpose(1, 2).requires_grad_() for _ in range(3))  # the model's views
         g = torch.randn(B, H, T, D)
-        sides = {"torch": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-                 "llmgen": lambda: torch.ops.llmgen_training.attention_train(q, k, v, D ** -0.5)}
+        if packed:  # a finetuning batch: three examples a row and padding, each token seeing its own example
+            seg = torch.full((B, T), -1)
+            seg[:, :T // 4], seg[:, T // 4:T // 2], seg[:, T // 2:T - T // 8] = 0, 1, 2
+            mask = segment_mask(seg)
+            sides = {"torch": lambda: transformer.attend(q, k, v, mask, 0.0),
+                     "llmgen": lambda: training.attend(q, k, v, mask, 0.0)}
+        else:
+            sides = {"torch": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                     "llmgen": lambda: torch.ops.llmgen_training.attention_train(q, k, v, D ** -0.5)}
         times = {name: ([], []) for name in sides}
         for i in range(steps + 3):
             for name, fn in sides.items():
@@ -95,8 +108,8 @@ def bench_attention(steps: int, out: str) -> None:
                 if i >= 3:
                     times[name][0].append(t1 - t0), times[name][1].append(t2 - t1)
         ms = {name: [statistics.median(t) * 1000 for t in ts] for name, ts in times.items()}
-        result["shapes"][f"{B}x{H}x{T}x{D}"] = ms
-        rows.append([f"{B} x {H} x {T} x {D}", *(f"{ms[n][0]:.2f} / {ms[n][1]:.2f}" for n in sides),
+        result["shapes"][f"{B}x{H}x{T}x{D}" + (" packed" if packed else "")] = ms
+        rows.append([f"{B} x {H} x {T} x {D}" + (", packed rows (masked)" if packed else ""), *(f"{ms[n][0]:.2f} / {ms[n][1]:.2f}" for n in sides),
                      f"{sum(ms['torch']) / sum(ms['llmgen']):.2f}x"])
     report(out, result, ["batch x heads x tokens x head size", "torch SDPA fwd / bwd (ms)", "llmgen kernel fwd / bwd (ms)",
                          "llmgen speed"], rows)
