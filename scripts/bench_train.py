@@ -103,10 +103,10 @@ def run_ours(model_spec, tokens_dir, steps, batch, seq_len, lr, work, compile_=F
     model = Transformer(cfg.model)
     if weights is not None:
         load_weights(model, weights)
-    n_params, flops = model.num_params(), model.flops_per_token(seq_len)
-    if lora:  # the frozen weights take no gradient products: 4 N (forward and input gradients) instead of 6 N
-        flops -= 2 * model.num_params(non_embedding=True)
+    n_params = model.num_params()
+    if lora:
         model = apply_lora(model, LoraConfig())
+    flops = model.flops_per_token(seq_len)  # 4 a frozen weight (no weight gradient) where LoRA freezes the base
     tokens = np.fromfile(tokens_dir, dtype=np.uint16 if cfg.model.vocab_size <= 65536 else np.uint32)
     sampler = WindowSampler(tokens, batch, seq_len, 0)
     train(cfg, model, TrainJob("pretrain", sampler, {}, Path(work)), overwrite=True)

@@ -74,6 +74,17 @@ def test_linear_cross_entropy_chunks_and_scales_like_the_reference():
     assert linear_cross_entropy(h, w, torch.full((50,), -100)).item() == 0.0  # nothing to predict
 
 
+def test_flops_per_token_counts_frozen_weights_without_their_gradient():
+    m = make("llama")
+    c, T = m.cfg, 16
+    attention = 12 * c.n_layer * c.d_model * T
+    assert m.flops_per_token(T) == 6 * m.num_params(non_embedding=True) + attention
+    for p in m.blocks.parameters():
+        p.requires_grad_(False)
+    frozen = sum(p.numel() for p in m.blocks.parameters())
+    assert m.flops_per_token(T) == 6 * (m.num_params(non_embedding=True) - frozen) + 4 * frozen + attention
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_causality(arch):
     m = make(arch)

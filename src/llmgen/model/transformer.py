@@ -199,9 +199,12 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6N plus attention's 12*L*C*T (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward): 6 per trained weight (6N, PaLM appendix B), 4 per frozen
+        one (no weight gradient: a finetune's frozen base, LoRA's; an upper bound where nothing below it trains),
+        plus attention's 12*L*C*T."""
         c = self.cfg
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.d_model * seq_len
+        n = sum((6 if p.requires_grad else 4) * p.numel() for name, p in self.named_parameters() if not name.startswith("pos_emb."))
+        return n + 12 * c.n_layer * c.d_model * seq_len
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None, pos: Union[int, torch.Tensor] = 0,
                 attn_mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
