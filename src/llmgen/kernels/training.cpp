@@ -583,10 +583,11 @@ inline __m256 below(int64_t j0, int64_t n) {
 // P = exp(S - m) for the 4 rows from query i0, each over the keys from first[r] up to its own position (the
 // rest of the kc and rows past T: exactly 0). With lse given, m = lse (P comes out normalised, as the backward
 // wants); without, m is the row's maximum, and each row's 1 / sum goes to inv_out and its log-sum-exp to lse_out.
-void causal_softmax4(float* S, int64_t ld, int64_t i0, int64_t T, int64_t kc, const int64_t* first, const float* lse,
-                     float* inv_out, float* lse_out) {
+void causal_softmax4(float* S, int64_t ld, int64_t i0, int64_t T, int64_t kc, int64_t lo, const int64_t* first,
+                     const float* lse, float* inv_out, float* lse_out) {
   for (int64_t r = 0; r < kRows; ++r) {
     float* s = S + r * ld;
+    std::fill(s, s + lo, 0.f);  // keys before lo (before every row's first): not computed
     const int64_t n = i0 + r + 1, nv = round_up(n, 8), f = first[r];
     auto keep = [&](int64_t j) {  // lanes j .. j + 7 in [f, n)
       const __m256 m = below(j, n);
@@ -602,13 +603,13 @@ void causal_softmax4(float* S, int64_t ld, int64_t i0, int64_t T, int64_t kc, co
       m = lse[r];
     } else {
       __m256 vm = _mm256_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < nv; j += 8)
+      for (int64_t j = lo; j < nv; j += 8)
         vm = _mm256_max_ps(vm, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j), keep(j)));
       m = hmax(vm);
     }
     const __m256 mv = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < nv; j += 8) {
+    for (int64_t j = lo; j < nv; j += 8) {
       const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)), keep(j));
       _mm256_storeu_ps(s + j, e);
       acc = _mm256_add_ps(acc, e);
@@ -652,6 +653,13 @@ inline void first4(const int64_t* st, int64_t b, int64_t i0, int64_t T, int64_t*
   for (int64_t r = 0; r < kRows; ++r) out[r] = st && i0 + r < T ? st[b * T + i0 + r] : 0;
 }
 
+// the first key any of the 4 rows from query i0 sees, down to a multiple of kKeys: the keys the block computes start there
+inline int64_t low_key(const int64_t* f4, int64_t i0, int64_t T) {
+  int64_t lo = f4[0];
+  for (int64_t r = 1; r < kRows && i0 + r < T; ++r) lo = std::min(lo, f4[r]);
+  return lo / kKeys * kKeys;
+}
+
 // a (B, heads, T, D) view of a new (B, T, heads, D) tensor
 at::Tensor heads_view(const at::Tensor& like, int64_t heads, at::ScalarType dtype) {
   return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options().dtype(dtype)).transpose(1, 2);
@@ -678,12 +686,13 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
         gather(V, b, hk, T, D, 1.f, Tp, vs.data());
         for (int64_t i0 = 0; i0 < T; i0 += kRows) {
           const int64_t kc = round_up(std::min(i0 + kRows, T), kKeys);
-          scores4(qs.data() + i0 * D, kt.data(), D, Tp, kc, s.data());
-          float lse4[kRows], inv[kRows];
           int64_t f4[kRows];
           first4(st, b, i0, T, f4);
-          causal_softmax4(s.data(), Tp, i0, T, kc, f4, nullptr, inv, lse4);
-          times4(s.data(), Tp, 1, vs.data(), kc, D, out.data(), false);  // unnormalised: each row times its 1 / sum
+          const int64_t lo = low_key(f4, i0, T);  // 0 unless the rows start later (packed examples)
+          scores4(qs.data() + i0 * D, kt.data() + lo, D, Tp, kc - lo, s.data() + lo);
+          float lse4[kRows], inv[kRows];
+          causal_softmax4(s.data(), Tp, i0, T, kc, lo, f4, nullptr, inv, lse4);
+          times4(s.data() + lo, Tp, 1, vs.data() + lo * D, kc - lo, D, out.data(), false);  // unnormalised: times 1 / sum
           const int64_t rows = std::min(kRows, T - i0);
           for (int64_t r = 0; r < rows; ++r) scatter(out.data() + r * D, 1, D, inv[r], O, b, h, i0 + r);
           std::copy(lse4, lse4 + rows, lp + u * T + i0);
@@ -718,8 +727,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
       // P and dS of one head whole (rows i < Tr, keys j < Tp), for dV = P^T dO and dK = dS^T q by columns
       std::vector<float> qs(Tr * D), go(Tr * D), oo(Tr * D), delta(Tr), kt(D * Tp), ks(Tp * D), vt(D * Tp),
           p(Tr * Tp), ds(Tr * Tp), dqr(kRows * D), dka(Tr * D), dva(Tr * D);
+      std::vector<int64_t> reach(T, T);  // 1 + the last query whose first key is at or before key x
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / Hk, hk = u % Hk;
+        if (st) {
+          std::fill(reach.begin(), reach.end(), 0);
+          for (int64_t i = 0; i < T; ++i) reach[st[b * T + i]] = std::max(reach[st[b * T + i]], i + 1);
+          for (int64_t x = 1; x < T; ++x) reach[x] = std::max(reach[x], reach[x - 1]);
+        }
         gather_t(K, b, hk, T, D, Tp, kt.data());
         gather(K, b, hk, T, D, 1.f, Tp, ks.data());
         gather_t(V, b, hk, T, D, Tp, vt.data());
@@ -734,25 +749,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
             float l4[kRows] = {0.f, 0.f, 0.f, 0.f};
             std::copy(lrow + i0, lrow + i0 + rows, l4);
             float *pb = p.data() + i0 * Tp, *db = ds.data() + i0 * Tp;
-            scores4(qs.data() + i0 * D, kt.data(), D, Tp, kc, pb);
             int64_t f4[kRows];
             first4(st, b, i0, T, f4);
-            causal_softmax4(pb, Tp, i0, T, kc, f4, l4, nullptr, nullptr);
-            scores4(go.data() + i0 * D, vt.data(), D, Tp, kc, db);  // dP = dO V^T
+            const int64_t lo = low_key(f4, i0, T);
+            scores4(qs.data() + i0 * D, kt.data() + lo, D, Tp, kc - lo, pb + lo);
+            causal_softmax4(pb, Tp, i0, T, kc, lo, f4, l4, nullptr, nullptr);
+            scores4(go.data() + i0 * D, vt.data() + lo, D, Tp, kc - lo, db + lo);  // dP = dO V^T
             for (int64_t r = 0; r < kRows; ++r) {  // dS = P (dP - delta)
               const __m256 dl = _mm256_set1_ps(delta[i0 + r]);
               float *dr = db + r * Tp, *pr = pb + r * Tp;
-              for (int64_t j = 0; j < kc; j += 8)
+              std::fill(dr, dr + lo, 0.f);
+              for (int64_t j = lo; j < kc; j += 8)
                 _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_loadu_ps(pr + j), _mm256_sub_ps(_mm256_loadu_ps(dr + j), dl)));
             }
-            times4(db, Tp, 1, ks.data(), kc, D, dqr.data(), false);  // dq = scale dS K
+            times4(db + lo, Tp, 1, ks.data() + lo * D, kc - lo, D, dqr.data(), false);  // dq = scale dS K
             scatter(dqr.data(), rows, D, sc, DQ, b, h, i0);
           }
-          // keys j0..j0+3 take queries i >= j0 (the rest of their columns are 0); the row block of query i
-          // wrote its P and dS out to key i0 + 3 at least, so every entry read here was written
+          // keys j0..j0+3 take queries i >= j0 up to the last that sees any of them (the rest of their columns
+          // are 0); the row block of query i wrote its P and dS out to key i0 + 3 at least (zeros before its lo),
+          // so every entry read here was written
           const bool add = h > hk * group;
           for (int64_t j0 = 0; j0 < T; j0 += kRows) {
-            const int64_t n = Tr - j0;
+            const int64_t n = st ? std::max<int64_t>(0, reach[std::min(j0 + kRows, T) - 1] - j0) : Tr - j0;
             times4(p.data() + j0 * Tp + j0, 1, Tp, go.data() + j0 * D, n, D, dva.data() + j0 * D, add);
             times4(ds.data() + j0 * Tp + j0, 1, Tp, qs.data() + j0 * D, n, D, dka.data() + j0 * D, add);
           }
