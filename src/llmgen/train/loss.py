@@ -19,7 +19,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     Rows are taken a chunk at a time; each chunk's logits give its loss and, right away, its
     gradients (softmax - one-hot), which are folded into dL/dh and dL/dweight while the chunk is
     still in cache. Backward only scales them. Same maths and FLOPs as linear + F.cross_entropy,
-    a fraction of the memory traffic (the vocabulary projection dominates small models' steps)."""
+    a fraction of the memory traffic (the vocabulary projection dominates small models' steps). On the CPU
+    rows without a target (a finetune's prompts and padding) are left out of the products altogether."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows, kernel):
@@ -27,6 +28,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         valid = targets != -100
         scale = 1.0 / valid.sum().clamp_min(1).float()
+        full, kept = h, None
+        if dev == "cpu" and not bool(valid.all()):  # finetuning's prompts and padding: their logits are not needed
+            kept = valid.nonzero().squeeze(1)  # (a sync a GPU would wait on: there every row is computed)
+            h, targets, valid = h.index_select(0, kept), targets.index_select(0, kept), valid.index_select(0, kept)
         tgt = torch.where(valid, targets, 0)
         weights = valid.float() * scale  # (N,): each row's share of the mean
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -53,6 +58,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w = part_w if grad_w is None else grad_w.add_(part_w)
         if need_w and grad_w is None:  # no rows
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        if need_h and kept is not None:  # the rows without a target take no gradient
+            grad_h = torch.zeros_like(full).index_copy_(0, kept, grad_h)
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total
 
