@@ -203,7 +203,8 @@ class Transformer(nn.Module):
         one (no weight gradient: a finetune's frozen base, LoRA's; an upper bound where nothing below it trains),
         plus attention's 12*L*C*T."""
         c = self.cfg
-        n = sum((6 if p.requires_grad else 4) * p.numel() for name, p in self.named_parameters() if not name.startswith("pos_emb."))
+        n = sum((6 if p.requires_grad else 4) * p.numel() for name, p in self.named_parameters()
+                if not name.startswith("pos_emb."))  # as num_params(non_embedding=True)
         return n + 12 * c.n_layer * c.d_model * seq_len
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None, pos: Union[int, torch.Tensor] = 0,
