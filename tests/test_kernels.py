@@ -471,9 +471,10 @@ def test_training_kernels_equal_torchs_ops(shape):
 @needs_training_kernels
 def test_attention_kernel_equals_torchs():
     """Causal attention through the kernel: torch's output and gradients (float64 reference) for head
-    counts with and without grouped-query sharing, lengths off the kernel's 4-row and 16-key blocks, one
-    token, head sizes 16-64 and q/k/v as the model's transposed views, finetuning's packed and padded rows
-    (each query's keys a run ending at itself); bf16 at least as close to the exact result as torch's own
+    counts with and without grouped-query sharing, lengths off the kernel's 4-row and 8-key blocks, one
+    token, head sizes 16-64 and q/k/v as the model's transposed views, lengths up to 256 (the forward's P kept
+    for the backward) and past (P recomputed), finetuning's packed and padded rows (each query's keys a run
+    ending at itself) both ways; bf16 at least as close to the exact result as torch's own
     bf16; where it does not apply (any other mask, dropout, a cache, a long context, an odd head size)
     torch's attention runs."""
     native.build(training.SOURCE, training.WHAT, 25)
@@ -482,7 +483,8 @@ def test_attention_kernel_equals_torchs():
     def heads(B, T, H, D, dtype=torch.float32):  # (B, H, T, D) views of (B, T, H, D), as the model makes them
         return torch.randn(B, T, H, D, dtype=dtype).transpose(1, 2).requires_grad_()
 
-    for B, H, Hk, T, D in [(2, 4, 4, 64, 32), (1, 4, 2, 7, 32), (3, 6, 6, 37, 64), (2, 4, 1, 130, 16), (1, 2, 2, 1, 32)]:
+    for B, H, Hk, T, D in [(2, 4, 4, 64, 32), (1, 4, 2, 7, 32), (3, 6, 6, 37, 64), (2, 4, 1, 130, 16), (1, 2, 2, 1, 32),
+                           (1, 2, 1, 300, 16)]:
         q, k, v, g = heads(B, T, H, D), heads(B, T, Hk, D), heads(B, T, Hk, D), torch.randn(B, H, T, D)
         y, grads = grads_of(lambda q, k, v: training.attend(q, k, v, None, 0.0), q, k, v, g=g)
         want, wgrads = grads_of(lambda q, k, v: attend(q, k, v, None, 0.0), *(t.double() for t in (q, k, v)), g=g.double())
@@ -499,15 +501,18 @@ def test_attention_kernel_equals_torchs():
     for a, t, r in zip([y, *grads], [yt, *gt], [yr, *gr]):
         assert (a.double() - r).abs().max() <= (t.double() - r).abs().max() + 1e-2 * r.abs().max()
     # finetuning rows: examples packed one after another and padding, each token seeing its own example's keys
-    seg = torch.tensor([[0] * 20 + [1] * 30 + [2] * 9 + [-1] * 5, [0] * 61 + [-1] * 3])
-    packed = segment_mask(seg)
-    q, k, v, g = heads(2, 64, 4, 32), heads(2, 64, 2, 32), heads(2, 64, 2, 32), torch.randn(2, 4, 64, 32)
-    y, grads = grads_of(lambda q, k, v: training.attend(q, k, v, packed, 0.0), q, k, v, g=g)
-    want, wgrads = grads_of(lambda q, k, v: attend(q, k, v, packed, 0.0), *(t.double() for t in (q, k, v)), g=g.double())
-    assert "AttentionFn" in training.attend(q, k, v, packed, 0.0).grad_fn.name()
-    assert torch.equal(training.first_keys(packed)[0, 18:23], torch.tensor([0, 0, 20, 20, 20]))
-    for a, b in zip([y, *grads], [want, *wgrads]):
-        assert torch.allclose(a.double(), b, atol=1e-5)
+    for seg in ([[0] * 20 + [1] * 30 + [2] * 9 + [-1] * 5, [0] * 61 + [-1] * 3],
+                [[0] * 100 + [1] * 150 + [2] * 40 + [-1] * 10]):
+        packed = segment_mask(torch.tensor(seg))
+        B, T = packed.shape[0], packed.shape[-1]
+        q, k, v, g = heads(B, T, 4, 32), heads(B, T, 2, 32), heads(B, T, 2, 32), torch.randn(B, 4, T, 32)
+        y, grads = grads_of(lambda q, k, v: training.attend(q, k, v, packed, 0.0), q, k, v, g=g)
+        want, wgrads = grads_of(lambda q, k, v: attend(q, k, v, packed, 0.0), *(t.double() for t in (q, k, v)), g=g.double())
+        assert "AttentionFn" in training.attend(q, k, v, packed, 0.0).grad_fn.name()
+        edge = seg[0].count(0)  # the second example's first token
+        assert torch.equal(training.first_keys(packed)[0, edge - 2:edge + 3], torch.tensor([0, 0] + [edge] * 3))
+        for a, b in zip([y, *grads], [want, *wgrads]):
+            assert torch.allclose(a.double(), b, atol=1e-5)
     q, k, v = heads(1, 8, 2, 32), heads(1, 8, 2, 32), heads(1, 8, 2, 32)
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
     mask[0, 0, 5, 2] = False  # a hole: not a run of keys

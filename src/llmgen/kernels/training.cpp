@@ -462,57 +462,65 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_meta(const at::Tensor&, const
 // Rows of D must be contiguous (any other strides); o, dq, dk, dv come back as transposed views of
 // (B, T, heads, D) tensors, the layout the model reshapes them from and to. fp32 or bf16 (computed in fp32).
 
-constexpr int64_t kRows = 4, kKeys = 16;
+constexpr int64_t kRows = 4, kKeys = 8;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// C[r][c] (+)= sum_{k < n} A[r * as + k * ak] * B[k * ldb + c] for 4 rows r and 8 NV columns c (NV <= 3): 4 x NV
+// accumulators in registers (named, not an array: GCC spills an array of vectors to the stack on every step).
+template <int NV>
+inline void tile4(const float* A, int64_t as, int64_t ak, const float* B, int64_t ldb, int64_t n, float* C, int64_t ldc, bool add) {
+  const __m256 z = _mm256_setzero_ps();
+  __m256 c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z, c31 = z, c32 = z;
+  for (int64_t k = 0; k < n; ++k) {
+    const float* bk = B + k * ldb;
+    const __m256 b0 = _mm256_loadu_ps(bk), b1 = NV > 1 ? _mm256_loadu_ps(bk + 8) : z, b2 = NV > 2 ? _mm256_loadu_ps(bk + 16) : z;
+    const float* a = A + k * ak;
+    __m256 x = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(x, b0, c00);
+    if (NV > 1) c01 = _mm256_fmadd_ps(x, b1, c01);
+    if (NV > 2) c02 = _mm256_fmadd_ps(x, b2, c02);
+    x = _mm256_broadcast_ss(a + as);
+    c10 = _mm256_fmadd_ps(x, b0, c10);
+    if (NV > 1) c11 = _mm256_fmadd_ps(x, b1, c11);
+    if (NV > 2) c12 = _mm256_fmadd_ps(x, b2, c12);
+    x = _mm256_broadcast_ss(a + 2 * as);
+    c20 = _mm256_fmadd_ps(x, b0, c20);
+    if (NV > 1) c21 = _mm256_fmadd_ps(x, b1, c21);
+    if (NV > 2) c22 = _mm256_fmadd_ps(x, b2, c22);
+    x = _mm256_broadcast_ss(a + 3 * as);
+    c30 = _mm256_fmadd_ps(x, b0, c30);
+    if (NV > 1) c31 = _mm256_fmadd_ps(x, b1, c31);
+    if (NV > 2) c32 = _mm256_fmadd_ps(x, b2, c32);
+  }
+  const __m256 acc[kRows][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* c = C + r * ldc + 8 * v;
+      _mm256_storeu_ps(c, add ? _mm256_add_ps(_mm256_loadu_ps(c), acc[r][v]) : acc[r][v]);
+    }
+}
+
+// tile4 across columns [0, width), width a multiple of 8: 24 at a time (12 accumulators, enough to keep both FMA
+// units busy through their latency), what is left 16 at a time (32 as 16 + 16 rather than 24 + 8), then 8
+inline void product4(const float* A, int64_t as, int64_t ak, const float* B, int64_t ldb, int64_t n, int64_t width,
+                     float* C, int64_t ldc, bool add) {
+  const int64_t rem = width % 24, end24 = width - (rem == 8 && width >= 32 ? 32 : rem);
+  int64_t c = 0;
+  for (; c < end24; c += 24) tile4<3>(A, as, ak, B + c, ldb, n, C + c, ldc, add);
+  for (; c + 16 <= width; c += 16) tile4<2>(A, as, ak, B + c, ldb, n, C + c, ldc, add);
+  if (c < width) tile4<1>(A, as, ak, B + c, ldb, n, C + c, ldc, add);
+}
+
 // S[r][j] = sum_d A[r][d] * Bt[d][j] for 4 rows of A (D apart) and keys j < kc (a multiple of 16); S rows ldb apart.
 inline void scores4(const float* A, const float* Bt, int64_t D, int64_t ldb, int64_t kc, float* S) {
-  for (int64_t j = 0; j < kc; j += kKeys) {
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    for (int64_t d = 0; d < D; ++d) {
-      const float* b = Bt + d * ldb + j;
-      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-      __m256 x = _mm256_broadcast_ss(A + d);
-      a00 = _mm256_fmadd_ps(x, b0, a00), a01 = _mm256_fmadd_ps(x, b1, a01);
-      x = _mm256_broadcast_ss(A + D + d);
-      a10 = _mm256_fmadd_ps(x, b0, a10), a11 = _mm256_fmadd_ps(x, b1, a11);
-      x = _mm256_broadcast_ss(A + 2 * D + d);
-      a20 = _mm256_fmadd_ps(x, b0, a20), a21 = _mm256_fmadd_ps(x, b1, a21);
-      x = _mm256_broadcast_ss(A + 3 * D + d);
-      a30 = _mm256_fmadd_ps(x, b0, a30), a31 = _mm256_fmadd_ps(x, b1, a31);
-    }
-    _mm256_storeu_ps(S + j, a00), _mm256_storeu_ps(S + j + 8, a01);
-    _mm256_storeu_ps(S + ldb + j, a10), _mm256_storeu_ps(S + ldb + j + 8, a11);
-    _mm256_storeu_ps(S + 2 * ldb + j, a20), _mm256_storeu_ps(S + 2 * ldb + j + 8, a21);
-    _mm256_storeu_ps(S + 3 * ldb + j, a30), _mm256_storeu_ps(S + 3 * ldb + j + 8, a31);
-  }
+  product4(A, D, 1, Bt, ldb, D, kc, S, ldb, false);
 }
 
 // O[r][d] (+)= sum_{j < n} P(r, j) * M[j][d] for 4 rows r, P(r, j) at P[r * rs + j * js] (rows of P or, with
 // rs = 1, its columns); M and O rows of D (a multiple of 16). With add, O's values are added to.
 inline void times4(const float* P, int64_t rs, int64_t js, const float* M, int64_t n, int64_t D, float* O, bool add) {
-  for (int64_t c = 0; c < D; c += 16) {
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 m0 = _mm256_loadu_ps(M + j * D + c), m1 = _mm256_loadu_ps(M + j * D + c + 8);
-      const float* pj = P + j * js;
-      __m256 x = _mm256_broadcast_ss(pj);
-      a00 = _mm256_fmadd_ps(x, m0, a00), a01 = _mm256_fmadd_ps(x, m1, a01);
-      x = _mm256_broadcast_ss(pj + rs);
-      a10 = _mm256_fmadd_ps(x, m0, a10), a11 = _mm256_fmadd_ps(x, m1, a11);
-      x = _mm256_broadcast_ss(pj + 2 * rs);
-      a20 = _mm256_fmadd_ps(x, m0, a20), a21 = _mm256_fmadd_ps(x, m1, a21);
-      x = _mm256_broadcast_ss(pj + 3 * rs);
-      a30 = _mm256_fmadd_ps(x, m0, a30), a31 = _mm256_fmadd_ps(x, m1, a31);
-    }
-    const __m256 acc[8] = {a00, a01, a10, a11, a20, a21, a30, a31};
-    for (int64_t r = 0; r < kRows; ++r)
-      for (int64_t h = 0; h < 2; ++h) {
-        float* o = O + r * D + c + 8 * h;
-        _mm256_storeu_ps(o, add ? _mm256_add_ps(_mm256_loadu_ps(o), acc[2 * r + h]) : acc[2 * r + h]);
-      }
-  }
+  product4(P, rs, js, M, D, n, D, O, D, add);
 }
 
 // A view of one (batch, head)'s (T, D) rows of a (B, heads, T, D) tensor with rows of D contiguous.
@@ -665,8 +673,8 @@ at::Tensor heads_view(const at::Tensor& like, int64_t heads, at::ScalarType dtyp
   return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options().dtype(dtype)).transpose(1, 2);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                                             const std::optional<at::Tensor>& starts) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         double scale, const std::optional<at::Tensor>& starts, bool keep_p) {
   check_heads(q, k, v);
   const int64_t* st = first_keys(starts, q);
   const int64_t Bn = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), group = H / Hk;
@@ -674,6 +682,8 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   at::Tensor o = heads_view(q, H, q.scalar_type());
   at::Tensor lse = at::empty({Bn, H, T}, q.options().dtype(at::kFloat));
   float* lp = lse.data_ptr<float>();
+  at::Tensor pk = at::empty({keep_p ? Bn * H * Tr * Tp : 0}, q.options().dtype(at::kFloat));
+  float* pp = pk.data_ptr<float>();
   by_dtype(q, [&](auto* type) {
     using T_ = std::remove_pointer_t<decltype(type)>;
     const Rows<T_> Q(q), K(k), V(v), O(o);
@@ -693,6 +703,13 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
           float lse4[kRows], inv[kRows];
           causal_softmax4(s.data(), Tp, i0, T, kc, lo, f4, nullptr, inv, lse4);
           times4(s.data() + lo, Tp, 1, vs.data() + lo * D, kc - lo, D, out.data(), false);  // unnormalised: times 1 / sum
+          if (keep_p)  // P for the backward, normalised: rows i0.. of this head, keys up to kc (the backward reads no further)
+            for (int64_t r = 0; r < kRows; ++r) {
+              const float *src = s.data() + r * Tp;
+              float* dst = pp + (u * Tr + i0 + r) * Tp;
+              const __m256 iv = _mm256_set1_ps(inv[r]);
+              for (int64_t j = 0; j < kc; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_loadu_ps(src + j), iv));
+            }
           const int64_t rows = std::min(kRows, T - i0);
           for (int64_t r = 0; r < rows; ++r) scatter(out.data() + r * D, 1, D, inv[r], O, b, h, i0 + r);
           std::copy(lse4, lse4 + rows, lp + u * T + i0);
@@ -701,13 +718,14 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
     });
     return 0;
   });
-  return {o, lse};
+  return {o, lse, pk};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                                                                   const at::Tensor& v, const at::Tensor& o,
                                                                   const at::Tensor& lse_, double scale,
-                                                                  const std::optional<at::Tensor>& starts) {
+                                                                  const std::optional<at::Tensor>& starts,
+                                                                  const std::optional<at::Tensor>& kept_p) {
   check_heads(q, k, v);
   const int64_t* st = first_keys(starts, q);
   TORCH_CHECK(g.sizes() == q.sizes() && o.sizes() == q.sizes() && g.scalar_type() == q.scalar_type() &&
@@ -720,6 +738,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
              dv = heads_view(v, Hk, q.scalar_type());
   const float* lp = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  const float* kp = nullptr;  // the forward's P (B * H, Tr, Tp), where it kept it: not recomputed
+  if (kept_p && kept_p->numel()) {
+    TORCH_CHECK(kept_p->scalar_type() == at::kFloat && kept_p->is_contiguous() && kept_p->numel() == Bn * H * Tr * Tp,
+                "attention_backward: the kept P does not match q");
+    kp = kept_p->data_ptr<float>();
+  }
   by_dtype(q, [&](auto* type) {
     using T_ = std::remove_pointer_t<decltype(type)>;
     const Rows<T_> Q(q), K(k), V(v), O(o), G(g), DQ(dq), DK(dk), DV(dv);
@@ -744,20 +768,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
           gather(O, b, h, T, D, 1.f, Tr, oo.data());
           for (int64_t t = 0; t < Tr; ++t) delta[t] = dot(go.data() + t * D, oo.data() + t * D, D);
           const float* lrow = lp + (b * H + h) * T;
+          const float* ph = kp ? kp + (b * H + h) * Tr * Tp : p.data();
           for (int64_t i0 = 0; i0 < T; i0 += kRows) {
             const int64_t kc = round_up(std::min(i0 + kRows, T), kKeys), rows = std::min(kRows, T - i0);
             float l4[kRows] = {0.f, 0.f, 0.f, 0.f};
             std::copy(lrow + i0, lrow + i0 + rows, l4);
-            float *pb = p.data() + i0 * Tp, *db = ds.data() + i0 * Tp;
+            const float* pb = ph + i0 * Tp;
+            float* db = ds.data() + i0 * Tp;
             int64_t f4[kRows];
             first4(st, b, i0, T, f4);
             const int64_t lo = low_key(f4, i0, T);
-            scores4(qs.data() + i0 * D, kt.data() + lo, D, Tp, kc - lo, pb + lo);
-            causal_softmax4(pb, Tp, i0, T, kc, lo, f4, l4, nullptr, nullptr);
+            if (!kp) {  // P again: exp(q k^T - lse)
+              float* pw = p.data() + i0 * Tp;
+              scores4(qs.data() + i0 * D, kt.data() + lo, D, Tp, kc - lo, pw + lo);
+              causal_softmax4(pw, Tp, i0, T, kc, lo, f4, l4, nullptr, nullptr);
+            }
             scores4(go.data() + i0 * D, vt.data() + lo, D, Tp, kc - lo, db + lo);  // dP = dO V^T
             for (int64_t r = 0; r < kRows; ++r) {  // dS = P (dP - delta)
               const __m256 dl = _mm256_set1_ps(delta[i0 + r]);
-              float *dr = db + r * Tp, *pr = pb + r * Tp;
+              float* dr = db + r * Tp;
+              const float* pr = pb + r * Tp;
               std::fill(dr, dr + lo, 0.f);
               for (int64_t j = lo; j < kc; j += 8)
                 _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_loadu_ps(pr + j), _mm256_sub_ps(_mm256_loadu_ps(dr + j), dl)));
@@ -771,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
           const bool add = h > hk * group;
           for (int64_t j0 = 0; j0 < T; j0 += kRows) {
             const int64_t n = st ? std::max<int64_t>(0, reach[std::min(j0 + kRows, T) - 1] - j0) : Tr - j0;
-            times4(p.data() + j0 * Tp + j0, 1, Tp, go.data() + j0 * D, n, D, dva.data() + j0 * D, add);
+            times4(ph + j0 * Tp + j0, 1, Tp, go.data() + j0 * D, n, D, dva.data() + j0 * D, add);
             times4(ds.data() + j0 * Tp + j0, 1, Tp, qs.data() + j0 * D, n, D, dka.data() + j0 * D, add);
           }
         }
@@ -784,14 +814,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   return {dq, dk, dv};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, double,
-                                                  const std::optional<at::Tensor>&) {
-  return {heads_view(q, q.size(1), q.scalar_type()), at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&,
+                                                              double, const std::optional<at::Tensor>&, bool keep_p) {
+  const int64_t n = keep_p ? q.size(0) * q.size(1) * round_up(q.size(2), kRows) * round_up(q.size(2), kKeys) : 0;
+  return {heads_view(q, q.size(1), q.scalar_type()), at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat)),
+          at::empty({n}, q.options().dtype(at::kFloat))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(const at::Tensor&, const at::Tensor& q,
                                                                        const at::Tensor& k, const at::Tensor& v,
                                                                        const at::Tensor&, const at::Tensor&, double,
+                                                                       const std::optional<at::Tensor>&,
                                                                        const std::optional<at::Tensor>&) {
   return {heads_view(q, q.size(1), q.scalar_type()), heads_view(k, k.size(1), q.scalar_type()),
           heads_view(v, v.size(1), q.scalar_type())};
@@ -854,11 +887,15 @@ struct GELUFn : torch::autograd::Function<GELUFn> {
   }
 };
 
+constexpr int64_t kKeepP = 256;
+
 struct AttentionFn : torch::autograd::Function<AttentionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                             const std::optional<at::Tensor>& starts) {
-    auto [o, lse] = attention(q, k, v, scale, starts);
-    ctx->save_for_backward({q, k, v, o, lse});
+    // P kept for the backward up to kKeepP tokens (at 128 tokens it is half the size of q, k, v and o together;
+    // the backward then skips recomputing it, ~1/5 of its products); past that recomputed
+    auto [o, lse, p] = attention(q, k, v, scale, starts, q.size(2) <= kKeepP);
+    ctx->save_for_backward({q, k, v, o, lse, p});
     ctx->saved_data["scale"] = scale;
     if (starts) ctx->saved_data["starts"] = *starts;
     return o;
@@ -868,7 +905,7 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
     const at::Tensor grad = g[0].stride(3) == 1 ? g[0] : g[0].contiguous();
     std::optional<at::Tensor> starts;
     if (ctx->saved_data.count("starts")) starts = ctx->saved_data["starts"].toTensor();
-    auto [dq, dk, dv] = attention_backward(grad, s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble(), starts);
+    auto [dq, dk, dv] = attention_backward(grad, s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble(), starts, s[5]);
     return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
 };
@@ -892,8 +929,8 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("swiglu_backward(Tensor g, Tensor a, Tensor u) -> (Tensor, Tensor)");
   lib.def("gelu(Tensor x) -> Tensor");
   lib.def("gelu_backward(Tensor g, Tensor x) -> Tensor");
-  lib.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None) -> (Tensor, Tensor)");
-  lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? starts=None) -> (Tensor, Tensor, Tensor)");
+  lib.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None, bool keep_p=False) -> (Tensor, Tensor, Tensor)");
+  lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? starts=None, Tensor? p=None) -> (Tensor, Tensor, Tensor)");
   lib.def("cross_entropy_grad(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor");
   // the same with their backward: one autograd node each
   lib.def("rms_norm_train(Tensor x, Tensor w, float eps) -> Tensor");
