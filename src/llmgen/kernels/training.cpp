@@ -759,7 +759,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
           for (int64_t i = 0; i < T; ++i) reach[st[b * T + i]] = std::max(reach[st[b * T + i]], i + 1);
           for (int64_t x = 1; x < T; ++x) reach[x] = std::max(reach[x], reach[x - 1]);
         }
-        gather_t(K, b, hk, T, D, Tp, kt.data());
+        if (!kp) gather_t(K, b, hk, T, D, Tp, kt.data());  // K^T only to recompute P
         gather(K, b, hk, T, D, 1.f, Tp, ks.data());
         gather_t(V, b, hk, T, D, Tp, vt.data());
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {

@@ -85,10 +85,11 @@ def softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
 
 
 def chunk_rows(vocab: int, cuda: bool) -> int:
-    """Rows of logits a chunk takes: up to 256 MB of them on a GPU; on a CPU up to 8 MB but never under 512
-    rows, as the products lose speed on fewer (at a 49,152-token vocabulary the loss ran at 57 GFLOP/s with
-    16 rows a chunk, 151 with 512: docs/benchmarks.md)."""
-    return max(16, (1 << 28) // (vocab * 4)) if cuda else max(512, (1 << 23) // (vocab * 4))
+    """Rows of logits a chunk takes: up to 256 MB of them on a GPU; on a CPU up to 64 MB but never under 512
+    rows, as the products lose speed on fewer: each chunk packs the whole (vocabulary x width) weight again for
+    MKL, twice (at a 49,152-token vocabulary the loss ran at 57 GFLOP/s with 16 rows a chunk, 151 with 512; at
+    4,096, 2,048 rows in one chunk took 112.8 ms where 512-row chunks took 121.4: docs/benchmarks.md)."""
+    return max(16, (1 << 28) // (vocab * 4)) if cuda else max(512, (1 << 26) // (vocab * 4))
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
