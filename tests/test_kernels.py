@@ -524,6 +524,59 @@ def test_attention_kernel_equals_torchs():
 
 
 @needs_training_kernels
+def test_rope_inside_the_attention_kernel_equals_rotating_first():
+    """attend_rope (q and k rotated as the kernel reads them, their gradients leaving through the inverse
+    rotation) gives apply_rope-then-attention's output and gradients (float64 reference), with the tables as the
+    model slices them (positions 0.. as (T, 1, hs), or each row's own positions as (B, T, 1, hs)), grouped-query
+    heads, P kept (64 tokens) and recomputed (300), packed rows; bf16 as close as torch's own bf16; None where
+    the kernel does not apply, and a model with the hook set gives the same logits as without."""
+    native.build(training.SOURCE, training.WHAT, 25)
+    torch.manual_seed(0)
+
+    def heads(B, T, H, D, dtype=torch.float32):
+        return torch.randn(B, T, H, D, dtype=dtype).transpose(1, 2).requires_grad_()
+
+    def rotated_then_attend(rope, mask):
+        def f(q, k, v):
+            r = tuple(t.to(q.dtype) for t in rope)
+            q, k = (apply_rope(t.transpose(1, 2), *r).transpose(1, 2) for t in (q, k))
+            return attend(q, k, v, mask, 0.0)
+        return f
+
+    packed = segment_mask(torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 61 + [-1] * 3]))
+    for B, H, Hk, T, D, per_row, mask in [(2, 4, 2, 64, 32, False, None), (2, 4, 4, 37, 64, True, None),
+                                          (1, 2, 1, 300, 16, False, None), (2, 4, 2, 64, 32, True, packed)]:
+        c, s = rope_tables(D, 512, 10000.0)
+        pos = torch.randint(0, 400, (B, T))
+        rope = (c[pos].unsqueeze(2), s[pos].unsqueeze(2)) if per_row else (c[:T, None], s[:T, None])
+        q, k, v, g = heads(B, T, H, D), heads(B, T, Hk, D), heads(B, T, Hk, D), torch.randn(B, H, T, D)
+        y, grads = grads_of(lambda q, k, v: training.attend_rope(q, k, v, rope, mask, 0.0), q, k, v, g=g)
+        want, wgrads = grads_of(rotated_then_attend(tuple(t.double() for t in rope), mask),
+                                *(t.double() for t in (q, k, v)), g=g.double())
+        assert "AttentionFn" in training.attend_rope(q, k, v, rope, mask, 0.0).grad_fn.name()
+        for a, b in zip([y, *grads], [want, *wgrads]):
+            assert a.dtype == torch.float32 and torch.allclose(a.double(), b, atol=1e-5)
+    half = [heads(2, 50, h, 32, torch.bfloat16) for h in (4, 2, 2)]
+    cos, sin = rope_tables(32, 64, 10000.0)
+    gh, rope = torch.randn(2, 4, 50, 32).bfloat16(), (cos[:50, None], sin[:50, None])
+    y, grads = grads_of(lambda q, k, v: training.attend_rope(q, k, v, rope, None, 0.0), *half, g=gh)
+    yt, gt = grads_of(rotated_then_attend(rope, None), *half, g=gh)
+    yr, gr = grads_of(rotated_then_attend(tuple(t.double() for t in rope), None), *(t.double() for t in half), g=gh.double())
+    assert y.dtype == torch.bfloat16
+    for a, t, r in zip([y, *grads], [yt, *gt], [yr, *gr]):
+        assert (a.double() - r).abs().max() <= (t.double() - r).abs().max() + 1e-2 * r.abs().max()
+    q = heads(1, 8, 2, 32)
+    assert training.attend_rope(q, q, q, (cos[:8, None], sin[:8, None]), None, 0.1) is None  # dropout
+    model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                                    vocab_size=260))
+    idx = torch.randint(0, 260, (2, 40))
+    plain = model(idx)
+    training.enable(model)
+    assert all(a.attend_rope is training.attend_rope for a in model.modules() if isinstance(a, Attention))
+    assert torch.allclose(model(idx), plain, atol=1e-5)
+
+
+@needs_training_kernels
 def test_cross_entropy_kernel_equals_torchs():
     """The loss's softmax kernel: the same weighted loss sum and gradient rows as torch's ops (softmax_grad_)
     and, through the chunked loss, as F.cross_entropy, for vocabularies on and off its 8-lane vectors,

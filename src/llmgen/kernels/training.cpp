@@ -449,16 +449,20 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_meta(const at::Tensor&, const
 // Training at a CPU's context lengths (64-256 tokens) runs attention on many small heads: torch's flash
 // kernel for the CPU spends most of its time around its small block products (1.2 ms forward and backward
 // for 48 heads of 64 x 32 where the arithmetic is ~30 MFLOP). Here one task takes one (batch, head) whole:
-// its q, k and v copied once into fp32 scratch (k transposed, zero-padded to 16 keys), then 4 query rows at
-// a time: scores against all keys up to the last row (16 at a time, 8 accumulators), the causal softmax
-// (masked entries exactly 0), and P V. The log-sum-exp of each row is kept for the backward, which
-// recomputes P and accumulates dK and dV for a KV head over the query heads that share it (grouped-query
-// attention): ds = P (dP - rowsum(dO * O)), dq = scale ds K, dk = scale ds^T q, dv = P^T dO.
+// its q, k and v copied once into fp32 scratch (k transposed, zero-padded to 8 keys), then 4 query rows at
+// a time: scores against all keys up to the last row (24 at a time, 12 accumulators), the causal softmax
+// (masked entries exactly 0), and P V. The log-sum-exp of each row is kept for the backward, and up to 256
+// tokens P itself (AttentionFn; past that the backward recomputes it), which accumulates dK and dV for a KV
+// head over the query heads that share it (grouped-query attention): ds = P (dP - rowsum(dO * O)),
+// dq = scale ds K, dk = scale ds^T q, dv = P^T dO.
 //
-//   attention(q, k, v, scale, starts) -> (o, lse)          q (B, H, T, D), k, v (B, Hk, T, D), lse (B, H, T)
-//   attention_backward(g, q, k, v, o, lse, scale, starts) -> (dq, dk, dv)
+//   attention(q, k, v, scale, starts, keep_p, cos, sin) -> (o, lse, p)   q (B, H, T, D), k, v (B, Hk, T, D),
+//                                                                         lse (B, H, T), p (B H Tr Tp) or empty
+//   attention_backward(g, q, k, v, o, lse, scale, starts, p, cos, sin) -> (dq, dk, dv)
 // starts (B, T), optional: each query's first key (examples packed into a row, padding: each token sees the
 // keys of its own example only); the keys before it are computed and masked like those after the query.
+// cos, sin, optional: RoPE tables (as the rope kernel takes them); q and k then come in unrotated, are rotated
+// as they are copied in, and their gradients leave through the inverse rotation: no pass of its own each way.
 // Rows of D must be contiguous (any other strides); o, dq, dk, dv come back as transposed views of
 // (B, T, heads, D) tensors, the layout the model reshapes them from and to. fp32 or bf16 (computed in fp32).
 
@@ -529,14 +533,52 @@ struct Rows {
   T_* p;
   int64_t sb, sh, st;
   Rows(const at::Tensor& t) : p(static_cast<T_*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), st(t.stride(2)) {}
+  Rows(T_* p_, int64_t st_) : p(p_), sb(0), sh(0), st(st_) {}  // one head's rows in scratch
   T_* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
 };
 
-// rows [0, T) of (b, h) into dst (rows of D, fp32, times scale); rows up to `padded` zero
+// RoPE inside the attention kernel: q and k come in unrotated and are rotated as they are gathered (the rope
+// kernel's formula, fp32 tables of D for each (b, t)); the gradients of q and k leave through the inverse rotation
+// (sign -1). Without tables (cos null) nothing is rotated.
+struct Rot {
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t cb = 0, ct = 0, sb = 0, st = 0;
+  float sign = 1.f;
+  Rot() = default;
+  Rot(const at::Tensor& c, const at::Tensor& s, float sign_)
+      : cos(c.data_ptr<float>()), sin(s.data_ptr<float>()), cb(c.stride(0)), ct(c.stride(1)), sb(s.stride(0)),
+        st(s.stride(1)), sign(sign_) {}
+  Rot inverse() const {
+    Rot r = *this;
+    r.sign = -sign;
+    return r;
+  }
+};
+
+// y = scale * rotate(x) for one row of D (a multiple of 16) at (b, t)
+template <typename S_, typename D_>
+inline void rotate_row(const S_* x, const Rot& rot, int64_t b, int64_t t, int64_t D, float scale, D_* y) {
+  const int64_t half = D / 2;
+  const float *c = rot.cos + b * rot.cb + t * rot.ct, *s = rot.sin + b * rot.sb + t * rot.st;
+  const __m256 sg = _mm256_set1_ps(rot.sign), sc = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < half; j += 8) {
+    const __m256 lo = _mm256_mul_ps(load8(x + j), sc), hi = _mm256_mul_ps(load8(x + half + j), sc);
+    store8(y + j, _mm256_fmadd_ps(_mm256_mul_ps(hi, sg), _mm256_loadu_ps(s + j), _mm256_mul_ps(lo, _mm256_loadu_ps(c + j))));
+    store8(y + half + j, _mm256_fmadd_ps(_mm256_mul_ps(lo, sg), _mm256_loadu_ps(s + half + j),
+                                         _mm256_mul_ps(hi, _mm256_loadu_ps(c + half + j))));
+  }
+}
+
+// rows [0, T) of (b, h) into dst (rows of D, fp32, times scale, rotated where rot has tables); rows up to `padded` zero
 template <typename T_>
-void gather(const Rows<T_>& src, int64_t b, int64_t h, int64_t T, int64_t D, float scale, int64_t padded, float* dst) {
+void gather(const Rows<T_>& src, int64_t b, int64_t h, int64_t T, int64_t D, float scale, int64_t padded, float* dst,
+            const Rot& rot = Rot()) {
   for (int64_t t = 0; t < T; ++t) {
     const T_* s = src.row(b, h, t);
+    if (rot.cos) {
+      rotate_row(s, rot, b, t, D, scale, dst + t * D);
+      continue;
+    }
     for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + t * D + d, _mm256_mul_ps(load8(s + d), _mm256_set1_ps(scale)));
   }
   std::fill(dst + T * D, dst + padded * D, 0.f);
@@ -575,9 +617,14 @@ void gather_t(const Rows<T_>& src, int64_t b, int64_t h, int64_t T, int64_t D, i
 }
 
 template <typename T_>
-void scatter(const float* src, int64_t rows, int64_t D, float scale, const Rows<T_>& dst, int64_t b, int64_t h, int64_t t0) {
+void scatter(const float* src, int64_t rows, int64_t D, float scale, const Rows<T_>& dst, int64_t b, int64_t h, int64_t t0,
+             const Rot& rot = Rot()) {
   for (int64_t r = 0; r < rows; ++r) {
     T_* o = dst.row(b, h, t0 + r);
+    if (rot.cos) {
+      rotate_row(src + r * D, rot, b, t0 + r, D, scale, o);
+      continue;
+    }
     for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(src + r * D + d), _mm256_set1_ps(scale)));
   }
 }
@@ -656,6 +703,20 @@ const int64_t* first_keys(const std::optional<at::Tensor>& starts, const at::Ten
   return p;
 }
 
+// RoPE tables (cos and the signed sin, fp32, broadcast to (B, T, 1, D) with rows of D contiguous) where given
+Rot rope_of(const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, const at::Tensor& q,
+            at::Tensor* keep) {
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "attention: give both RoPE tables or neither");
+  if (!cos) return Rot();
+  const int64_t Bn = q.size(0), T = q.size(2), D = q.size(3);
+  keep[0] = cos->expand({Bn, T, 1, D});
+  keep[1] = sin->expand({Bn, T, 1, D});
+  TORCH_CHECK(keep[0].device().is_cpu() && keep[0].scalar_type() == at::kFloat && keep[1].scalar_type() == at::kFloat &&
+                  keep[0].stride(3) == 1 && keep[1].stride(3) == 1,
+              "attention: the RoPE tables must be fp32 CPU tensors with rows of D contiguous");
+  return Rot(keep[0], keep[1], 1.f);
+}
+
 // the first keys of the 4 rows from query i0 of batch row b (rows past T: 0)
 inline void first4(const int64_t* st, int64_t b, int64_t i0, int64_t T, int64_t* out) {
   for (int64_t r = 0; r < kRows; ++r) out[r] = st && i0 + r < T ? st[b * T + i0 + r] : 0;
@@ -674,9 +735,13 @@ at::Tensor heads_view(const at::Tensor& like, int64_t heads, at::ScalarType dtyp
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                         double scale, const std::optional<at::Tensor>& starts, bool keep_p) {
+                                                         double scale, const std::optional<at::Tensor>& starts, bool keep_p,
+                                                         const std::optional<at::Tensor>& cos,
+                                                         const std::optional<at::Tensor>& sin) {
   check_heads(q, k, v);
   const int64_t* st = first_keys(starts, q);
+  at::Tensor tables[2];
+  const Rot rot = rope_of(cos, sin, q, tables);
   const int64_t Bn = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), group = H / Hk;
   const int64_t Tr = round_up(T, kRows), Tp = round_up(T, kKeys);
   at::Tensor o = heads_view(q, H, q.scalar_type());
@@ -688,11 +753,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const at::Tensor& q, co
     using T_ = std::remove_pointer_t<decltype(type)>;
     const Rows<T_> Q(q), K(k), V(v), O(o);
     at::parallel_for(0, Bn * H, 1, [&](int64_t u0, int64_t u1) {
-      std::vector<float> qs(Tr * D), kt(D * Tp), vs(Tp * D), s(kRows * Tp), out(kRows * D);
+      std::vector<float> qs(Tr * D), kt(D * Tp), vs(Tp * D), s(kRows * Tp), out(kRows * D), kr(rot.cos ? T * D : 0);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / H, h = u % H, hk = h / group;
-        gather(Q, b, h, T, D, static_cast<float>(scale), Tr, qs.data());
-        gather_t(K, b, hk, T, D, Tp, kt.data());
+        gather(Q, b, h, T, D, static_cast<float>(scale), Tr, qs.data(), rot);
+        if (rot.cos) {  // k rotated, then transposed
+          gather(K, b, hk, T, D, 1.f, T, kr.data(), rot);
+          gather_t(Rows<float>(kr.data(), D), 0, 0, T, D, Tp, kt.data());
+        } else {
+          gather_t(K, b, hk, T, D, Tp, kt.data());
+        }
         gather(V, b, hk, T, D, 1.f, Tp, vs.data());
         for (int64_t i0 = 0; i0 < T; i0 += kRows) {
           const int64_t kc = round_up(std::min(i0 + kRows, T), kKeys);
@@ -725,9 +795,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const at::Tensor& v, const at::Tensor& o,
                                                                   const at::Tensor& lse_, double scale,
                                                                   const std::optional<at::Tensor>& starts,
-                                                                  const std::optional<at::Tensor>& kept_p) {
+                                                                  const std::optional<at::Tensor>& kept_p,
+                                                                  const std::optional<at::Tensor>& cos,
+                                                                  const std::optional<at::Tensor>& sin) {
   check_heads(q, k, v);
   const int64_t* st = first_keys(starts, q);
+  at::Tensor tables[2];
+  const Rot rot = rope_of(cos, sin, q, tables), unrot = rot.inverse();
   TORCH_CHECK(g.sizes() == q.sizes() && o.sizes() == q.sizes() && g.scalar_type() == q.scalar_type() &&
                   o.scalar_type() == q.scalar_type() && g.stride(3) == 1 && o.stride(3) == 1,
               "attention_backward: grad and output must match q");
@@ -759,11 +833,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
           for (int64_t i = 0; i < T; ++i) reach[st[b * T + i]] = std::max(reach[st[b * T + i]], i + 1);
           for (int64_t x = 1; x < T; ++x) reach[x] = std::max(reach[x], reach[x - 1]);
         }
-        if (!kp) gather_t(K, b, hk, T, D, Tp, kt.data());  // K^T only to recompute P
-        gather(K, b, hk, T, D, 1.f, Tp, ks.data());
+        gather(K, b, hk, T, D, 1.f, Tp, ks.data(), rot);
+        if (!kp) gather_t(Rows<float>(ks.data(), D), 0, 0, T, D, Tp, kt.data());  // K^T only to recompute P
         gather_t(V, b, hk, T, D, Tp, vt.data());
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          gather(Q, b, h, T, D, sc, Tr, qs.data());
+          gather(Q, b, h, T, D, sc, Tr, qs.data(), rot);
           gather(G, b, h, T, D, 1.f, Tr, go.data());
           gather(O, b, h, T, D, 1.f, Tr, oo.data());
           for (int64_t t = 0; t < Tr; ++t) delta[t] = dot(go.data() + t * D, oo.data() + t * D, D);
@@ -793,7 +867,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                 _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_loadu_ps(pr + j), _mm256_sub_ps(_mm256_loadu_ps(dr + j), dl)));
             }
             times4(db + lo, Tp, 1, ks.data() + lo * D, kc - lo, D, dqr.data(), false);  // dq = scale dS K
-            scatter(dqr.data(), rows, D, sc, DQ, b, h, i0);
+            scatter(dqr.data(), rows, D, sc, DQ, b, h, i0, unrot);
           }
           // keys j0..j0+3 take queries i >= j0 up to the last that sees any of them (the rest of their columns
           // are 0); the row block of query i wrote its P and dS out to key i0 + 3 at least (zeros before its lo),
@@ -805,7 +879,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
             times4(ds.data() + j0 * Tp + j0, 1, Tp, qs.data() + j0 * D, n, D, dka.data() + j0 * D, add);
           }
         }
-        scatter(dka.data(), T, D, 1.f, DK, b, hk, 0);
+        scatter(dka.data(), T, D, 1.f, DK, b, hk, 0, unrot);
         scatter(dva.data(), T, D, 1.f, DV, b, hk, 0);
       }
     });
@@ -815,7 +889,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&,
-                                                              double, const std::optional<at::Tensor>&, bool keep_p) {
+                                                              double, const std::optional<at::Tensor>&, bool keep_p,
+                                                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
   const int64_t n = keep_p ? q.size(0) * q.size(1) * round_up(q.size(2), kRows) * round_up(q.size(2), kKeys) : 0;
   return {heads_view(q, q.size(1), q.scalar_type()), at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat)),
           at::empty({n}, q.options().dtype(at::kFloat))};
@@ -824,6 +899,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_meta(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(const at::Tensor&, const at::Tensor& q,
                                                                        const at::Tensor& k, const at::Tensor& v,
                                                                        const at::Tensor&, const at::Tensor&, double,
+                                                                       const std::optional<at::Tensor>&,
+                                                                       const std::optional<at::Tensor>&,
                                                                        const std::optional<at::Tensor>&,
                                                                        const std::optional<at::Tensor>&) {
   return {heads_view(q, q.size(1), q.scalar_type()), heads_view(k, k.size(1), q.scalar_type()),
@@ -891,13 +968,15 @@ constexpr int64_t kKeepP = 256;
 
 struct AttentionFn : torch::autograd::Function<AttentionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                            const std::optional<at::Tensor>& starts) {
+                            const std::optional<at::Tensor>& starts, const std::optional<at::Tensor>& cos,
+                            const std::optional<at::Tensor>& sin) {
     // P kept for the backward up to kKeepP tokens (at 128 tokens it is half the size of q, k, v and o together;
     // the backward then skips recomputing it, ~1/5 of its products); past that recomputed
-    auto [o, lse, p] = attention(q, k, v, scale, starts, q.size(2) <= kKeepP);
+    auto [o, lse, p] = attention(q, k, v, scale, starts, q.size(2) <= kKeepP, cos, sin);
     ctx->save_for_backward({q, k, v, o, lse, p});
     ctx->saved_data["scale"] = scale;
     if (starts) ctx->saved_data["starts"] = *starts;
+    if (cos) ctx->saved_data["cos"] = *cos, ctx->saved_data["sin"] = *sin;
     return o;
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
@@ -905,8 +984,11 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
     const at::Tensor grad = g[0].stride(3) == 1 ? g[0] : g[0].contiguous();
     std::optional<at::Tensor> starts;
     if (ctx->saved_data.count("starts")) starts = ctx->saved_data["starts"].toTensor();
-    auto [dq, dk, dv] = attention_backward(grad, s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble(), starts, s[5]);
-    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+    std::optional<at::Tensor> cos, sin;
+    if (ctx->saved_data.count("cos")) cos = ctx->saved_data["cos"].toTensor(), sin = ctx->saved_data["sin"].toTensor();
+    auto [dq, dk, dv] =
+        attention_backward(grad, s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toDouble(), starts, s[5], cos, sin);
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -915,8 +997,9 @@ at::Tensor rope_train(const at::Tensor& x, const at::Tensor& c, const at::Tensor
 at::Tensor swiglu_train(const at::Tensor& a, const at::Tensor& u) { return SwiGLUFn::apply(a, u); }
 at::Tensor gelu_train(const at::Tensor& x) { return GELUFn::apply(x); }
 at::Tensor attention_train(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                           const std::optional<at::Tensor>& starts) {
-  return AttentionFn::apply(q, k, v, scale, starts);
+                           const std::optional<at::Tensor>& starts, const std::optional<at::Tensor>& cos,
+                           const std::optional<at::Tensor>& sin) {
+  return AttentionFn::apply(q, k, v, scale, starts, cos, sin);
 }
 
 }  // namespace
@@ -929,15 +1012,15 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("swiglu_backward(Tensor g, Tensor a, Tensor u) -> (Tensor, Tensor)");
   lib.def("gelu(Tensor x) -> Tensor");
   lib.def("gelu_backward(Tensor g, Tensor x) -> Tensor");
-  lib.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None, bool keep_p=False) -> (Tensor, Tensor, Tensor)");
-  lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? starts=None, Tensor? p=None) -> (Tensor, Tensor, Tensor)");
+  lib.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None, bool keep_p=False, Tensor? cos=None, Tensor? sin=None) -> (Tensor, Tensor, Tensor)");
+  lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? starts=None, Tensor? p=None, Tensor? cos=None, Tensor? sin=None) -> (Tensor, Tensor, Tensor)");
   lib.def("cross_entropy_grad(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor");
   // the same with their backward: one autograd node each
   lib.def("rms_norm_train(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def("rope_train(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   lib.def("swiglu_train(Tensor a, Tensor u) -> Tensor");
   lib.def("gelu_train(Tensor x) -> Tensor");
-  lib.def("attention_train(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None) -> Tensor");
+  lib.def("attention_train(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None, Tensor? cos=None, Tensor? sin=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {

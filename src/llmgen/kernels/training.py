@@ -10,7 +10,7 @@ in C++; RoPE, attention, SwiGLU and GELU also take bf16 (bf16 autocast's product
 rounding once. On the shakespeare-char shape (4 x 128, batch 12 x 64) they took the step from 44 to 37 ms;
 docs/benchmarks.md has the measurements. The kernels are built on the first training run on a machine
 (`native.py`, ~25 s) and set on the model's `RMSNorm.kernel`, `Attention.rotate`, `Attention.attend`,
-`MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or devices, odd head sizes,
+`Attention.attend_rope` (RoPE inside the attention kernel), `MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or devices, odd head sizes,
 masks other than finetuning's packed and padded rows, dropout, a KV cache, long contexts) takes the
 plain path, so the hooks are safe wherever the model then runs.
 """
@@ -105,20 +105,41 @@ def first_keys(mask: torch.Tensor) -> Optional[torch.Tensor]:
     return starts
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
-    """transformer.attend through the causal kernel where it applies: no mask or one that keeps each query to
-    a run of keys ending at itself (packed or padded finetuning rows), no dropout, as many keys as queries (no
-    cache) up to ATTENTION_MAX_LEN, fp32 or bf16 CPU tensors, head size a multiple of 16."""
+def _kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                    p: float) -> tuple[bool, Optional[torch.Tensor]]:
+    """(whether the attention kernel takes these, each query's first key where the mask gives them): no mask or
+    one that keeps each query to a run of keys ending at itself (packed or padded finetuning rows), no dropout,
+    as many keys as queries (no cache) up to ATTENTION_MAX_LEN, fp32 or bf16 CPU tensors, head size a multiple
+    of 16."""
     T, D = q.shape[2], q.shape[3]
     if (p > 0 or k.shape[2] != T or T > ATTENTION_MAX_LEN or D % 16 or not _plain_cpu(q, k, v, bf16=True)
             or not q.dtype == k.dtype == v.dtype or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
+        return False, None
+    if mask is None:
+        return True, None
+    starts = first_keys(mask) if mask.device.type == "cpu" and mask.shape[0] == q.shape[0] else None
+    return starts is not None, starts
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    """transformer.attend through the causal kernel where it applies (`_kernel_applies`)."""
+    applies, starts = _kernel_applies(q, k, v, mask, p)
+    if not applies:
         return transformer.attend(q, k, v, mask, p)
-    starts = None
-    if mask is not None:
-        starts = first_keys(mask) if mask.device.type == "cpu" and mask.shape[0] == q.shape[0] else None
-        if starts is None:
-            return transformer.attend(q, k, v, mask, p)
-    return ops.attention_train(q, k, v, D ** -0.5, starts)
+    return ops.attention_train(q, k, v, q.shape[3] ** -0.5, starts)
+
+
+def attend_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: Optional[torch.Tensor], p: float) -> Optional[torch.Tensor]:
+    """apply_rope on q and k, then transformer.attend, as one kernel: q and k come in unrotated and the kernel
+    rotates them as it reads them (their gradients leave through the inverse rotation), a pass over each fewer
+    both ways than the RoPE kernel before attention. None where it does not apply (the model then rotates and
+    attends itself)."""
+    cos, sin = rope
+    applies, starts = _kernel_applies(q, k, v, mask, p)
+    if not (applies and _plain_cpu(cos, sin) and cos.stride(-1) == 1 and sin.stride(-1) == 1):
+        return None
+    return ops.attention_train(q, k, v, q.shape[3] ** -0.5, starts, cos, sin)
 
 
 def keep_freed_memory() -> bool:
@@ -169,7 +190,7 @@ def enable(model: nn.Module, loss: Optional[nn.Module] = None) -> str:
     for m in norms:
         m.kernel = rms_norm
     for m in attns:
-        m.rotate, m.attend = rotate, attend
+        m.rotate, m.attend, m.attend_rope = rotate, attend, attend_rope
     for m in mlps:
         m.swiglu, m.gelu = swiglu, gelu
     if loss is not None:

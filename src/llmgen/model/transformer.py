@@ -104,6 +104,7 @@ class Attention(nn.Module):
         self.fused_qkv = None  # kernels.fuse_projections: q, k and v from one matmul
         self.attend = attend  # kernels.quantize_blockwise: a decoding attention kernel
         self.rotate = apply_rope  # kernels.training: a fused RoPE kernel with its own backward
+        self.attend_rope = None  # kernels.training: RoPE inside the attention kernel (None where it does not apply)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: Optional[KVCache] = None,
                 pos: Union[int, torch.Tensor] = 0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -112,12 +113,17 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.hs)  # (B, T, nh, hs)
         k = k.view(B, T, self.n_kv, self.hs)  # (B, T, nkv, hs)
         v = v.view(B, T, self.n_kv, self.hs)
-        if rope is not None:
-            q, k = self.rotate(q, *rope), self.rotate(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
-        if cache is not None:
-            k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, S, hs)
-        y = self.attend(q, k, v, mask, self.resid_drop.p if self.training else 0.0)  # (B, nh, T, hs)
+        p = self.resid_drop.p if self.training else 0.0
+        y = None
+        if self.attend_rope is not None and rope is not None and cache is None:
+            y = self.attend_rope(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rope, mask, p)
+        if y is None:
+            if rope is not None:
+                q, k = self.rotate(q, *rope), self.rotate(k, *rope)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
+            if cache is not None:
+                k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, S, hs)
+            y = self.attend(q, k, v, mask, p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)  # (B, T, C)
         return dropout(self.resid_drop, self.wo(y))
 
