@@ -472,8 +472,8 @@ def test_training_kernels_equal_torchs_ops(shape):
 def test_attention_kernel_equals_torchs():
     """Causal attention through the kernel: torch's output and gradients (float64 reference) for head
     counts with and without grouped-query sharing, lengths off the kernel's 4-row and 8-key blocks, one
-    token, head sizes 16-64 and q/k/v as the model's transposed views, lengths up to 256 (the forward's P kept
-    for the backward) and past (P recomputed), finetuning's packed and padded rows (each query's keys a run
+    token, head sizes 16-64 and q/k/v as the model's transposed views, the forward's P kept for the backward
+    (short rows) and recomputed (long rows), finetuning's packed and padded rows (each query's keys a run
     ending at itself) both ways; bf16 at least as close to the exact result as torch's own
     bf16; where it does not apply (any other mask, dropout, a cache, a long context, an odd head size)
     torch's attention runs."""
@@ -505,7 +505,8 @@ def test_attention_kernel_equals_torchs():
                 [[0] * 100 + [1] * 150 + [2] * 40 + [-1] * 10]):
         packed = segment_mask(torch.tensor(seg))
         B, T = packed.shape[0], packed.shape[-1]
-        q, k, v, g = heads(B, T, 4, 32), heads(B, T, 2, 32), heads(B, T, 2, 32), torch.randn(B, 4, T, 32)
+        D = 64 if T == 64 else 32  # P kept (T H <= (H + Hk) D), then recomputed
+        q, k, v, g = heads(B, T, 4, D), heads(B, T, 2, D), heads(B, T, 2, D), torch.randn(B, 4, T, D)
         y, grads = grads_of(lambda q, k, v: training.attend(q, k, v, packed, 0.0), q, k, v, g=g)
         want, wgrads = grads_of(lambda q, k, v: attend(q, k, v, packed, 0.0), *(t.double() for t in (q, k, v)), g=g.double())
         assert "AttentionFn" in training.attend(q, k, v, packed, 0.0).grad_fn.name()
@@ -528,7 +529,7 @@ def test_rope_inside_the_attention_kernel_equals_rotating_first():
     """attend_rope (q and k rotated as the kernel reads them, their gradients leaving through the inverse
     rotation) gives apply_rope-then-attention's output and gradients (float64 reference), with the tables as the
     model slices them (positions 0.. as (T, 1, hs), or each row's own positions as (B, T, 1, hs)), grouped-query
-    heads, P kept (64 tokens) and recomputed (300), packed rows; bf16 as close as torch's own bf16; None where
+    heads, P kept (short rows) and recomputed (long rows), packed rows both ways; bf16 as close as torch's own bf16; None where
     the kernel does not apply, and a model with the hook set gives the same logits as without."""
     native.build(training.SOURCE, training.WHAT, 25)
     torch.manual_seed(0)
@@ -545,7 +546,8 @@ def test_rope_inside_the_attention_kernel_equals_rotating_first():
 
     packed = segment_mask(torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 61 + [-1] * 3]))
     for B, H, Hk, T, D, per_row, mask in [(2, 4, 2, 64, 32, False, None), (2, 4, 4, 37, 64, True, None),
-                                          (1, 2, 1, 300, 16, False, None), (2, 4, 2, 64, 32, True, packed)]:
+                                          (1, 2, 1, 300, 16, False, None), (2, 4, 2, 64, 32, True, packed),
+                                          (2, 4, 2, 64, 64, False, packed)]:
         c, s = rope_tables(D, 512, 10000.0)
         pos = torch.randint(0, 400, (B, T))
         rope = (c[pos].unsqueeze(2), s[pos].unsqueeze(2)) if per_row else (c[:T, None], s[:T, None])

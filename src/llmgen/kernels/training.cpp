@@ -451,8 +451,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_meta(const at::Tensor&, const
 // for 48 heads of 64 x 32 where the arithmetic is ~30 MFLOP). Here one task takes one (batch, head) whole:
 // its q, k and v copied once into fp32 scratch (k transposed, zero-padded to 8 keys), then 4 query rows at
 // a time: scores against all keys up to the last row (24 at a time, 12 accumulators), the causal softmax
-// (masked entries exactly 0), and P V. The log-sum-exp of each row is kept for the backward, and up to 256
-// tokens P itself (AttentionFn; past that the backward recomputes it), which accumulates dK and dV for a KV
+// (masked entries exactly 0), and P V. The log-sum-exp of each row is kept for the backward, and at short
+// lengths P itself (AttentionFn says when; else the backward recomputes it), which accumulates dK and dV for a KV
 // head over the query heads that share it (grouped-query attention): ds = P (dP - rowsum(dO * O)),
 // dq = scale ds K, dk = scale ds^T q, dv = P^T dO.
 //
@@ -964,15 +964,15 @@ struct GELUFn : torch::autograd::Function<GELUFn> {
   }
 };
 
-constexpr int64_t kKeepP = 256;
-
 struct AttentionFn : torch::autograd::Function<AttentionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                             const std::optional<at::Tensor>& starts, const std::optional<at::Tensor>& cos,
                             const std::optional<at::Tensor>& sin) {
-    // P kept for the backward up to kKeepP tokens (at 128 tokens it is half the size of q, k, v and o together;
-    // the backward then skips recomputing it, ~1/5 of its products); past that recomputed
-    auto [o, lse, p] = attention(q, k, v, scale, starts, q.size(2) <= kKeepP, cos, sin);
+    // P kept for the backward (which then skips recomputing it: ~1/5 of its products and the exponentials) where
+    // it takes no more memory than q, k, v and o together: T H <= (H + Hk) D (the small preset's 128 tokens with
+    // heads of 64); past that recomputed (SmolLM2's finetune at 256 tokens: 1.5x their size, +350 MB, no faster)
+    const bool keep = q.size(2) * q.size(1) <= (q.size(1) + k.size(1)) * q.size(3);
+    auto [o, lse, p] = attention(q, k, v, scale, starts, keep, cos, sin);
     ctx->save_for_backward({q, k, v, o, lse, p});
     ctx->saved_data["scale"] = scale;
     if (starts) ctx->saved_data["starts"] = *starts;
