@@ -971,7 +971,8 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
     // P kept for the backward (which then skips recomputing it: ~1/5 of its products and the exponentials) where
     // it takes no more memory than q, k, v and o together: T H <= (H + Hk) D (the small preset's 128 tokens with
     // heads of 64); past that recomputed (SmolLM2's finetune at 256 tokens: 1.5x their size, +350 MB, no faster)
-    const bool keep = q.size(2) * q.size(1) <= (q.size(1) + k.size(1)) * q.size(3);
+    const bool keep = (q.requires_grad() || k.requires_grad() || v.requires_grad()) &&
+                      q.size(2) * q.size(1) <= (q.size(1) + k.size(1)) * q.size(3);  // (no backward to come: not kept)
     auto [o, lse, p] = attention(q, k, v, scale, starts, keep, cos, sin);
     ctx->save_for_backward({q, k, v, o, lse, p});
     ctx->saved_data["scale"] = scale;
