@@ -763,7 +763,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const at::Tensor& q, co
         } else {
           gather_t(K, b, hk, T, D, Tp, kt.data());
         }
-        gather(V, b, hk, T, D, 1.f, Tp, vs.data());
+        const float* vp = vs.data();  // V's fp32 rows read where they are (T a multiple of 8: no padding row is read)
+        int64_t vstride = D;
+        if constexpr (std::is_same_v<T_, float>) {
+          if (T == Tp) vp = V.row(b, hk, 0), vstride = V.st;
+        }
+        if (vp == vs.data()) gather(V, b, hk, T, D, 1.f, Tp, vs.data());
         for (int64_t i0 = 0; i0 < T; i0 += kRows) {
           const int64_t kc = round_up(std::min(i0 + kRows, T), kKeys);
           int64_t f4[kRows];
@@ -772,7 +777,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const at::Tensor& q, co
           scores4(qs.data() + i0 * D, kt.data() + lo, D, Tp, kc - lo, s.data() + lo);
           float lse4[kRows], inv[kRows];
           causal_softmax4(s.data(), Tp, i0, T, kc, lo, f4, nullptr, inv, lse4);
-          times4(s.data() + lo, Tp, 1, vs.data() + lo * D, kc - lo, D, out.data(), false);  // unnormalised: times 1 / sum
+          product4(s.data() + lo, Tp, 1, vp + lo * vstride, vstride, kc - lo, D, out.data(), D, false);  // unnormalised: times 1 / sum
           if (keep_p)  // P for the backward, normalised: rows i0.. of this head, keys up to kc (the backward reads no further)
             for (int64_t r = 0; r < kRows; ++r) {
               const float *src = s.data() + r * Tp;
@@ -838,9 +843,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
         gather_t(V, b, hk, T, D, Tp, vt.data());
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           gather(Q, b, h, T, D, sc, Tr, qs.data(), rot);
-          gather(G, b, h, T, D, 1.f, Tr, go.data());
-          gather(O, b, h, T, D, 1.f, Tr, oo.data());
-          for (int64_t t = 0; t < Tr; ++t) delta[t] = dot(go.data() + t * D, oo.data() + t * D, D);
+          // dO and O: fp32 rows are read where they are (T a multiple of 4: no padding row is read); else copied
+          const float *gp = go.data(), *op = oo.data();
+          int64_t gs = D, os = D;
+          if constexpr (std::is_same_v<T_, float>) {
+            if (T == Tr) gp = G.row(b, h, 0), op = O.row(b, h, 0), gs = G.st, os = O.st;
+          }
+          if (gp == go.data()) {
+            gather(G, b, h, T, D, 1.f, Tr, go.data());
+            gather(O, b, h, T, D, 1.f, Tr, oo.data());
+          }
+          for (int64_t t = 0; t < Tr; ++t) delta[t] = dot(gp + t * gs, op + t * os, D);
           const float* lrow = lp + (b * H + h) * T;
           const float* ph = kp ? kp + (b * H + h) * Tr * Tp : p.data();
           for (int64_t i0 = 0; i0 < T; i0 += kRows) {
@@ -857,7 +870,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
               scores4(qs.data() + i0 * D, kt.data() + lo, D, Tp, kc - lo, pw + lo);
               causal_softmax4(pw, Tp, i0, T, kc, lo, f4, l4, nullptr, nullptr);
             }
-            scores4(go.data() + i0 * D, vt.data() + lo, D, Tp, kc - lo, db + lo);  // dP = dO V^T
+            product4(gp + i0 * gs, gs, 1, vt.data() + lo, Tp, D, kc - lo, db + lo, Tp, false);  // dP = dO V^T
             for (int64_t r = 0; r < kRows; ++r) {  // dS = P (dP - delta)
               const __m256 dl = _mm256_set1_ps(delta[i0 + r]);
               float* dr = db + r * Tp;
@@ -875,7 +888,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
           const bool add = h > hk * group;
           for (int64_t j0 = 0; j0 < T; j0 += kRows) {
             const int64_t n = st ? std::max<int64_t>(0, reach[std::min(j0 + kRows, T) - 1] - j0) : Tr - j0;
-            times4(ph + j0 * Tp + j0, 1, Tp, go.data() + j0 * D, n, D, dva.data() + j0 * D, add);
+            product4(ph + j0 * Tp + j0, 1, Tp, gp + j0 * gs, gs, n, D, dva.data() + j0 * D, D, add);  // dV = P^T dO
             times4(ds.data() + j0 * Tp + j0, 1, Tp, qs.data() + j0 * D, n, D, dka.data() + j0 * D, add);
           }
         }
