@@ -473,7 +473,8 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // C[r][c] (+)= sum_{k < n} A[r * as + k * ak] * B[k * ldb + c] for 4 rows r and 8 NV columns c (NV <= 3): 4 x NV
 // accumulators in registers (named, not an array: GCC spills an array of vectors to the stack on every step).
 template <int NV>
-inline void tile4(const float* A, int64_t as, int64_t ak, const float* B, int64_t ldb, int64_t n, float* C, int64_t ldc, bool add) {
+inline void tile4(const float* A, int64_t as, int64_t ak, const float* B, int64_t ldb, int64_t n, float* C, int64_t ldc,
+                  bool add) {
   const __m256 z = _mm256_setzero_ps();
   __m256 c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z, c31 = z, c32 = z;
   for (int64_t k = 0; k < n; ++k) {
@@ -777,7 +778,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const at::Tensor& q, co
           scores4(qs.data() + i0 * D, kt.data() + lo, D, Tp, kc - lo, s.data() + lo);
           float lse4[kRows], inv[kRows];
           causal_softmax4(s.data(), Tp, i0, T, kc, lo, f4, nullptr, inv, lse4);
-          product4(s.data() + lo, Tp, 1, vp + lo * vstride, vstride, kc - lo, D, out.data(), D, false);  // unnormalised: times 1 / sum
+          // P V, P unnormalised: the rows are scaled by 1 / sum as they leave
+          product4(s.data() + lo, Tp, 1, vp + lo * vstride, vstride, kc - lo, D, out.data(), D, false);
           if (keep_p)  // P for the backward, normalised: rows i0.. of this head, keys up to kc (the backward reads no further)
             for (int64_t r = 0; r < kRows; ++r) {
               const float *src = s.data() + r * Tp;

@@ -10,9 +10,10 @@ in C++; RoPE, attention, SwiGLU and GELU also take bf16 (bf16 autocast's product
 rounding once. On the shakespeare-char shape (4 x 128, batch 12 x 64) they took the step from 44 to 37 ms;
 docs/benchmarks.md has the measurements. The kernels are built on the first training run on a machine
 (`native.py`, ~25 s) and set on the model's `RMSNorm.kernel`, `Attention.rotate`, `Attention.attend`,
-`Attention.attend_rope` (RoPE inside the attention kernel), `MLP.swiglu` and `MLP.gelu` hooks; anything they do not cover (other dtypes or devices, odd head sizes,
-masks other than finetuning's packed and padded rows, dropout, a KV cache, long contexts) takes the
-plain path, so the hooks are safe wherever the model then runs.
+`Attention.attend_rope` (RoPE inside the attention kernel), `MLP.swiglu` and `MLP.gelu` hooks; anything
+they do not cover (other dtypes or devices, odd head sizes, masks other than finetuning's packed and
+padded rows, dropout, a KV cache, long contexts) takes the plain path, so the hooks are safe wherever the
+model then runs.
 """
 
 from __future__ import annotations
