@@ -220,39 +220,56 @@ auto by_dtype(const at::Tensor& t, F fn) {
 }
 
 // y[d] = x[d] * cos[d] + x[(d + D/2) % D] * sign * sin[d] over rows of D; cos/sin (fp32) indexed by (b, t).
+// A rotation by RoPE tables (fp32, rows of D for each (b, t)); sign -1: the inverse rotation, which is its
+// backward. The rope kernel below applies it; the attention kernel applies it to q and k as it copies them in and
+// to their gradients as they leave. Without tables (cos null) nothing is rotated.
+struct Rot {
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t cb = 0, ct = 0, sb = 0, st = 0;
+  float sign = 1.f;
+  Rot() = default;
+  Rot(const at::Tensor& c, const at::Tensor& s, float sign_)
+      : cos(c.data_ptr<float>()), sin(s.data_ptr<float>()), cb(c.stride(0)), ct(c.stride(1)), sb(s.stride(0)),
+        st(s.stride(1)), sign(sign_) {}
+  Rot inverse() const {
+    Rot r = *this;
+    r.sign = -sign;
+    return r;
+  }
+};
+
+// y = scale * rotate(x) for one row of D (a multiple of 16) at (b, t)
+template <typename S_, typename D_>
+inline void rotate_row(const S_* x, const Rot& rot, int64_t b, int64_t t, int64_t D, float scale, D_* y) {
+  const int64_t half = D / 2;
+  const float *c = rot.cos + b * rot.cb + t * rot.ct, *s = rot.sin + b * rot.sb + t * rot.st;
+  const __m256 sg = _mm256_set1_ps(rot.sign), sc = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < half; j += 8) {
+    const __m256 lo = _mm256_mul_ps(load8(x + j), sc), hi = _mm256_mul_ps(load8(x + half + j), sc);
+    store8(y + j, _mm256_fmadd_ps(_mm256_mul_ps(hi, sg), _mm256_loadu_ps(s + j), _mm256_mul_ps(lo, _mm256_loadu_ps(c + j))));
+    store8(y + half + j, _mm256_fmadd_ps(_mm256_mul_ps(lo, sg), _mm256_loadu_ps(s + half + j),
+                                         _mm256_mul_ps(hi, _mm256_loadu_ps(c + half + j))));
+  }
+}
+
 at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos, const at::Tensor& sin, double sign) {
   const at::Tensor x = x_.contiguous();
   check_elements(x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be (B, T, H, D)");
-  const int64_t Bn = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t Bn = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 16 == 0, "rope kernel: head size ", D, " is not a multiple of 16");
   const at::Tensor c = cos.expand({Bn, T, 1, D}), s = sin.expand({Bn, T, 1, D});
   TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && c.stride(3) == 1 && s.stride(3) == 1,
               "cos/sin must be fp32 with rows of D contiguous");
   auto y = at::empty_like(x);
-  const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
-  const int64_t cb = c.stride(0), ct = c.stride(1), sb = s.stride(0), st = s.stride(1);
-  const __m256 sg = _mm256_set1_ps(static_cast<float>(sign));
+  const Rot rot(c, s, static_cast<float>(sign));
   by_dtype(x, [&](auto* type) {
     using T_ = std::remove_pointer_t<decltype(type)>;
     const T_* xp = static_cast<const T_*>(x.data_ptr());
     T_* yp = static_cast<T_*>(y.data_ptr());
     at::parallel_for(0, Bn * T, grain(H * D), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / T, t = i % T;
-        const float *cr = cp + b * cb + t * ct, *sr = sp + b * sb + t * st;
-        for (int64_t h = 0; h < H; ++h) {
-          const T_* xr = xp + (i * H + h) * D;
-          T_* yr = yp + (i * H + h) * D;
-          for (int64_t j = 0; j < half; j += 8) {
-            const __m256 lo = load8(xr + j), hi = load8(xr + half + j);
-            store8(yr + j, _mm256_fmadd_ps(_mm256_mul_ps(hi, sg), _mm256_loadu_ps(sr + j),
-                                           _mm256_mul_ps(lo, _mm256_loadu_ps(cr + j))));
-            store8(yr + half + j, _mm256_fmadd_ps(_mm256_mul_ps(lo, sg), _mm256_loadu_ps(sr + half + j),
-                                                  _mm256_mul_ps(hi, _mm256_loadu_ps(cr + half + j))));
-          }
-        }
-      }
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t h = 0; h < H; ++h) rotate_row(xp + (i * H + h) * D, rot, i / T, i % T, D, 1.f, yp + (i * H + h) * D);
     });
     return 0;
   });
@@ -537,38 +554,6 @@ struct Rows {
   Rows(T_* p_, int64_t st_) : p(p_), sb(0), sh(0), st(st_) {}  // one head's rows in scratch
   T_* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
 };
-
-// RoPE inside the attention kernel: q and k come in unrotated and are rotated as they are gathered (the rope
-// kernel's formula, fp32 tables of D for each (b, t)); the gradients of q and k leave through the inverse rotation
-// (sign -1). Without tables (cos null) nothing is rotated.
-struct Rot {
-  const float *cos = nullptr, *sin = nullptr;
-  int64_t cb = 0, ct = 0, sb = 0, st = 0;
-  float sign = 1.f;
-  Rot() = default;
-  Rot(const at::Tensor& c, const at::Tensor& s, float sign_)
-      : cos(c.data_ptr<float>()), sin(s.data_ptr<float>()), cb(c.stride(0)), ct(c.stride(1)), sb(s.stride(0)),
-        st(s.stride(1)), sign(sign_) {}
-  Rot inverse() const {
-    Rot r = *this;
-    r.sign = -sign;
-    return r;
-  }
-};
-
-// y = scale * rotate(x) for one row of D (a multiple of 16) at (b, t)
-template <typename S_, typename D_>
-inline void rotate_row(const S_* x, const Rot& rot, int64_t b, int64_t t, int64_t D, float scale, D_* y) {
-  const int64_t half = D / 2;
-  const float *c = rot.cos + b * rot.cb + t * rot.ct, *s = rot.sin + b * rot.sb + t * rot.st;
-  const __m256 sg = _mm256_set1_ps(rot.sign), sc = _mm256_set1_ps(scale);
-  for (int64_t j = 0; j < half; j += 8) {
-    const __m256 lo = _mm256_mul_ps(load8(x + j), sc), hi = _mm256_mul_ps(load8(x + half + j), sc);
-    store8(y + j, _mm256_fmadd_ps(_mm256_mul_ps(hi, sg), _mm256_loadu_ps(s + j), _mm256_mul_ps(lo, _mm256_loadu_ps(c + j))));
-    store8(y + half + j, _mm256_fmadd_ps(_mm256_mul_ps(lo, sg), _mm256_loadu_ps(s + half + j),
-                                         _mm256_mul_ps(hi, _mm256_loadu_ps(c + half + j))));
-  }
-}
 
 // rows [0, T) of (b, h) into dst (rows of D, fp32, times scale, rotated where rot has tables); rows up to `padded` zero
 template <typename T_>
