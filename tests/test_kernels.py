@@ -25,7 +25,7 @@ from llmgen.kernels.cpu_matmul import DecodeLinear, linear
 from llmgen.kernels.fp16_weights import Fp16Linear
 from llmgen.kernels.int8 import Int8Linear
 from llmgen.model.kv_cache import KVCache
-from llmgen.model.transformer import Attention, RMSNorm, Transformer, apply_rope, attend, rope_tables, swiglu
+from llmgen.model.transformer import MLP, Attention, RMSNorm, Transformer, apply_rope, attend, rope_tables, swiglu
 from llmgen.model.transformer import gelu as transformer_gelu
 from llmgen.train.loop import TrainJob, train
 from llmgen.train.loss import linear_cross_entropy, softmax_grad_
@@ -576,6 +576,106 @@ def test_rope_inside_the_attention_kernel_equals_rotating_first():
     training.enable(model)
     assert all(a.attend_rope is training.attend_rope for a in model.modules() if isinstance(a, Attention))
     assert torch.allclose(model(idx), plain, atol=1e-5)
+
+
+@needs_training_kernels
+def test_joined_projections_equal_separate_linears():
+    """q/k/v and gate/up as one joined product (`JoinedLinears`, `linears_train`): the separate linears' outputs
+    and gradients (float64 reference), written side by side into one tensor; the attention and SwiGLU kernels
+    give their gradients back as the blocks of one tensor, which the backward takes without a copy, and any other
+    gradients (separate tensors, one unused) are joined; a frozen weight gets none; a model trains to the plain
+    path's losses; no grad, a LoRA wrapper or a bias runs the modules one by one; bf16 autocast runs it in bf16."""
+    native.build(training.SOURCE, training.WHAT, 25)
+    torch.manual_seed(0)
+    attn = Attention(ModelConfig(preset=None, n_layer=1, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                                 vocab_size=10), 0)
+    joined = training.JoinedLinears(attn, ("wq", "wk", "wv"))
+    x = torch.randn(3, 20, 64, requires_grad=True)
+    q, k, v = joined(x)
+    assert q.shape == (3, 20, 64) and k.shape == v.shape == (3, 20, 32)
+    assert k.data_ptr() == q.data_ptr() + 64 * 4 and v.data_ptr() == k.data_ptr() + 32 * 4 and q.stride(1) == 128
+    mods = (attn.wq, attn.wk, attn.wv)
+    ref = [F.linear(x.double(), m.weight.double()) for m in mods]
+    assert all(torch.allclose(a.double(), b, atol=1e-5) for a, b in zip((q, k, v), ref))
+
+    def grads(outs, gs, inputs):
+        return torch.autograd.grad(outs, inputs, gs, allow_unused=True, retain_graph=True)
+
+    inputs = (x, *(m.weight for m in mods))
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out = [F.linear(ref_in[0], w) for w in ref_in[1:]]
+    gs = [torch.randn_like(t) for t in (q, k, v)]
+    want = grads(ref_out, [g.double() for g in gs], ref_in)
+    # separate gradients (joined by the backward), then one tensor's blocks (taken whole)
+    whole = torch.randn(3, 20, 128)
+    for given in (gs, list(whole.split([64, 32, 32], -1))):
+        q, k, v = joined(x)
+        got = grads((q, k, v), given, inputs)
+        exact = grads(ref_out, [g.double() for g in given], ref_in) if given is not gs else want
+        assert all(torch.allclose(a.double(), b, atol=1e-4) for a, b in zip(got, exact))
+    q, k, v = joined(x)  # k unused: its gradient is zero
+    got = grads((q, v), (gs[0], gs[2]), inputs)
+    exact = grads((ref_out[0], ref_out[2]), (gs[0].double(), gs[2].double()), ref_in)
+    assert exact[2] is None and not got[2].any()
+    assert all(torch.allclose(a.double(), b, atol=1e-4) for a, b in zip(got, exact) if b is not None)
+    attn.wk.weight.requires_grad_(False)  # frozen: no gradient for it, the rest as before
+    q, k, v = joined(x)
+    q.backward(gs[0], retain_graph=True)
+    assert attn.wk.weight.grad is None and attn.wq.weight.grad is not None
+    attn.wk.weight.requires_grad_(True)
+    attn.wq.weight.grad = None
+
+    # through the attention kernel: its q/k/v gradients are the blocks of one tensor
+    q, k, v = (t.view(3, 20, -1, 16).transpose(1, 2) for t in joined(x))
+    dq, dk, dv = torch.autograd.grad(training.attend(q, k, v, None, 0.0), (q, k, v), torch.randn(3, 4, 20, 16))
+    assert dk.data_ptr() == dq.data_ptr() + 64 * 4 and dv.data_ptr() == dk.data_ptr() + 32 * 4 and dq.stride(2) == 128
+    # SwiGLU's gate and up as the halves of the joined product: their gradients too, and the kernel's results
+    mlp = MLP(ModelConfig(preset=None, n_layer=1, n_head=4, d_model=64, max_seq_len=64, vocab_size=10))
+    gate, up = training.JoinedLinears(mlp, ("w1", "w3"))(x)
+    assert up.data_ptr() == gate.data_ptr() + gate.shape[-1] * 4
+    g = torch.randn_like(gate)
+    h = training.swiglu(gate, up)
+    assert "SwiGLUFn" in h.grad_fn.name() and torch.allclose(h, swiglu(gate, up), atol=1e-6)
+    da, du = torch.autograd.grad(h, (gate, up), g, retain_graph=True)
+    assert du.data_ptr() == da.data_ptr() + gate.shape[-1] * 4
+    want = torch.autograd.grad(swiglu(gate, up), (gate, up), g)
+    assert torch.allclose(da, want[0], atol=1e-5) and torch.allclose(du, want[1], atol=1e-5)
+
+    # a model with the joined products trains to the plain kernels' losses and gradients
+    cfg = ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64, vocab_size=50)
+    models = [Transformer(cfg) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for m in models:
+        training.enable(m)
+    for mod in models[1].modules():
+        if isinstance(mod, (Attention, MLP)):
+            mod.fused_qkv = mod.fused_gate_up = None
+    idx = torch.randint(0, 50, (2, 24))
+    losses, grad_sets = [], []
+    for m in models:
+        loss = F.cross_entropy(m(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        losses.append(loss.item())
+        grad_sets.append([p.grad for p in m.parameters()])
+    assert isinstance(models[0].blocks[0].attn.fused_qkv, training.JoinedLinears)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(*grad_sets))
+
+    # where it does not apply: the modules one by one
+    with torch.no_grad():
+        assert q.grad_fn is not None and joined(x)[0].stride(1) == 64
+    attn.wk = torch.nn.Sequential(attn.wk)  # a wrapper in the module's place (as LoRA puts one)
+    assert joined(x)[0].stride(1) == 64 and torch.allclose(joined(x)[1], ref[1].float(), atol=1e-5)
+    attn.wk = attn.wk[0]
+    biased = Attention(ModelConfig(preset=None, n_layer=1, n_head=4, d_model=64, max_seq_len=64, vocab_size=10,
+                                   qkv_bias=True), 0)
+    assert training.JoinedLinears(biased, ("wq", "wk", "wv"))(x)[0].stride(1) == 64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = joined(x)
+        plain = attn.wq(x)
+    assert q.dtype == torch.bfloat16 and q.stride(1) == 128 and torch.equal(q, plain)
+    q.float().sum().backward()
+    assert x.grad is not None and attn.wq.weight.grad.dtype == torch.float32
 
 
 @needs_training_kernels

@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorUtils.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 #include <immintrin.h>
@@ -207,12 +208,6 @@ void check_elements(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-void check_same(const at::Tensor& a, const at::Tensor& b) {
-  check_elements(a, "gate");
-  check_elements(b, "up");
-  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), "gate and up differ in shape or dtype");
-}
-
 // Run fn<T>() with T the C++ type of t's dtype (fp32 or bf16).
 template <typename F>
 auto by_dtype(const at::Tensor& t, F fn) {
@@ -278,22 +273,59 @@ at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos, const at::Tensor& s
 
 constexpr int64_t kElementGrain = 32768;
 
+// SwiGLU's gate and up as rows of their last dimension (H, contiguous), their rows `stride` apart: whole tensors
+// (stride H) or, as kernels/training.py's joined projections give them, the two halves of one (rows, 2H) product
+// (stride 2H). `joint`: up starts where gate's row ends, so their gradients can come back the same way, as the
+// halves of one (rows, 2H) tensor: the gradient the joined product's backward takes whole, without a copy.
+struct GateUp {
+  int64_t rows, H, stride;
+  bool joint;
+};
+
+GateUp gate_up_rows(const at::Tensor& a, const at::Tensor& u) {
+  for (const at::Tensor* t : {&a, &u})
+    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                    t->dim() >= 1 && t->stride(-1) == 1, "swiglu: gate and up must be fp32 or bf16 CPU tensors with a contiguous last dimension");
+  TORCH_CHECK(a.sizes() == u.sizes() && a.strides() == u.strides() && a.scalar_type() == u.scalar_type(),
+              "swiglu: gate and up differ in shape, layout or dtype");
+  const int64_t H = a.size(-1), rows = H ? a.numel() / H : 0;
+  const auto st = at::detail::computeStride(a.sizes(), a.strides(), at::IntArrayRef({rows, H}));
+  TORCH_CHECK(st.has_value(), "swiglu: gate and up must be rows of their last dimension at one stride");
+  const int64_t stride = rows > 1 ? (*st)[0] : 2 * H;
+  const bool joint = stride == 2 * H && static_cast<const char*>(u.data_ptr()) ==
+                                            static_cast<const char*>(a.data_ptr()) + H * a.element_size();
+  TORCH_CHECK(stride >= H, "swiglu: gate and up rows overlap");
+  return {rows, H, stride, joint};
+}
+
+// new (rows, H) gradients shaped like gate and up: the halves of one (rows, 2H) tensor where gate and up were
+std::pair<at::Tensor, at::Tensor> like_gate_up(const at::Tensor& a, const GateUp& r) {
+  if (!r.joint) return {at::empty(a.sizes(), a.options()), at::empty(a.sizes(), a.options())};
+  const at::Tensor both = at::empty({r.rows, 2 * r.H}, a.options());
+  return {both.narrow(1, 0, r.H).view(a.sizes()), both.narrow(1, r.H, r.H).view(a.sizes())};
+}
+
 at::Tensor swiglu(const at::Tensor& a, const at::Tensor& u) {
-  check_same(a, u);
-  auto h = at::empty_like(a);
+  const GateUp r = gate_up_rows(a, u);
+  auto h = at::empty(a.sizes(), a.options());
   by_dtype(a, [&](auto* type) {
     using T_ = std::remove_pointer_t<decltype(type)>;
     const T_ *ap = static_cast<const T_*>(a.data_ptr()), *up = static_cast<const T_*>(u.data_ptr());
     T_* hp = static_cast<T_*>(h.data_ptr());
-    at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
-      int64_t i = i0;
-      for (; i + 8 <= i1; i += 8) {
-        const __m256 av = load8(ap + i);
-        store8(hp + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), load8(up + i)));
-      }
-      for (; i < i1; ++i) {
-        const float av = load1(ap + i);
-        store1(hp + i, av * sigmoid1(av) * load1(up + i));
+    const int64_t H = r.H, S = r.stride;
+    at::parallel_for(0, r.rows, grain(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const T_ *ar = ap + row * S, *ur = up + row * S;
+        T_* hr = hp + row * H;
+        int64_t i = 0;
+        for (; i + 8 <= H; i += 8) {
+          const __m256 av = load8(ar + i);
+          store8(hr + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), load8(ur + i)));
+        }
+        for (; i < H; ++i) {
+          const float av = load1(ar + i);
+          store1(hr + i, av * sigmoid1(av) * load1(ur + i));
+        }
       }
     });
     return 0;
@@ -303,28 +335,33 @@ at::Tensor swiglu(const at::Tensor& a, const at::Tensor& u) {
 
 std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& g_, const at::Tensor& a, const at::Tensor& u) {
   const at::Tensor g = g_.contiguous();
-  check_same(a, u);
-  check_same(g, a);
-  auto da = at::empty_like(a), du = at::empty_like(u);
+  const GateUp r = gate_up_rows(a, u);
+  TORCH_CHECK(g.sizes() == a.sizes() && g.scalar_type() == a.scalar_type(), "swiglu_backward: grad must match gate");
+  auto [da, du] = like_gate_up(a, r);
   by_dtype(a, [&](auto* type) {
     using T_ = std::remove_pointer_t<decltype(type)>;
     const T_ *gp = static_cast<const T_*>(g.data_ptr()), *ap = static_cast<const T_*>(a.data_ptr()),
              *up = static_cast<const T_*>(u.data_ptr());
     T_ *dap = static_cast<T_*>(da.data_ptr()), *dup = static_cast<T_*>(du.data_ptr());
-    at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    const int64_t H = r.H, S = r.stride, DS = r.joint ? 2 * H : H;  // gate/up rows S apart, their gradients' DS
+    at::parallel_for(0, r.rows, grain(H), [&](int64_t r0, int64_t r1) {
       const __m256 one = _mm256_set1_ps(1.f);
-      int64_t i = i0;
-      for (; i + 8 <= i1; i += 8) {
-        const __m256 gv = load8(gp + i), av = load8(ap + i), uv = load8(up + i);
-        const __m256 sv = sigmoid8(av), gs = _mm256_mul_ps(gv, sv);
-        store8(dup + i, _mm256_mul_ps(gs, av));
-        // da = g * s * u * (1 + a * (1 - s))
-        store8(dap + i, _mm256_mul_ps(_mm256_mul_ps(gs, uv), _mm256_fmadd_ps(av, _mm256_sub_ps(one, sv), one)));
-      }
-      for (; i < i1; ++i) {
-        const float av = load1(ap + i), s = sigmoid1(av), gs = load1(gp + i) * s;
-        store1(dup + i, gs * av);
-        store1(dap + i, gs * load1(up + i) * (1.f + av * (1.f - s)));
+      for (int64_t row = r0; row < r1; ++row) {
+        const T_ *gr = gp + row * H, *ar = ap + row * S, *ur = up + row * S;
+        T_ *dar = dap + row * DS, *dur = dup + row * DS;
+        int64_t i = 0;
+        for (; i + 8 <= H; i += 8) {
+          const __m256 gv = load8(gr + i), av = load8(ar + i), uv = load8(ur + i);
+          const __m256 sv = sigmoid8(av), gs = _mm256_mul_ps(gv, sv);
+          store8(dur + i, _mm256_mul_ps(gs, av));
+          // da = g * s * u * (1 + a * (1 - s))
+          store8(dar + i, _mm256_mul_ps(_mm256_mul_ps(gs, uv), _mm256_fmadd_ps(av, _mm256_sub_ps(one, sv), one)));
+        }
+        for (; i < H; ++i) {
+          const float av = load1(ar + i), s = sigmoid1(av), gs = load1(gr + i) * s;
+          store1(dur + i, gs * av);
+          store1(dar + i, gs * load1(ur + i) * (1.f + av * (1.f - s)));
+        }
       }
     });
     return 0;
@@ -456,10 +493,10 @@ at::Tensor gelu_meta(const at::Tensor& x) { return at::empty_like(x); }
 
 at::Tensor gelu_backward_meta(const at::Tensor&, const at::Tensor& x) { return at::empty_like(x); }
 
-at::Tensor swiglu_meta(const at::Tensor& a, const at::Tensor&) { return at::empty_like(a); }
+at::Tensor swiglu_meta(const at::Tensor& a, const at::Tensor&) { return at::empty(a.sizes(), a.options()); }
 
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_meta(const at::Tensor&, const at::Tensor& a, const at::Tensor& u) {
-  return {at::empty_like(a), at::empty_like(u)};
+  return {at::empty(a.sizes(), a.options()), at::empty(u.sizes(), u.options())};
 }
 
 // ---- causal attention at short context -------------------------------------------------------------------
@@ -720,6 +757,22 @@ at::Tensor heads_view(const at::Tensor& like, int64_t heads, at::ScalarType dtyp
   return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options().dtype(dtype)).transpose(1, 2);
 }
 
+// new (B, heads, T, D) gradients for q, k and v, as transposed views of (B, T, heads, D) tensors; where q, k and v
+// are the column blocks of one (B, T, (H + 2 Hk) D) tensor (kernels/training.py's joined q/k/v product), so are
+// they: the gradient that product's backward takes whole, without a copy
+std::tuple<at::Tensor, at::Tensor, at::Tensor> like_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const int64_t Bn = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), W = (H + 2 * Hk) * D;
+  const auto at_ = [&](const at::Tensor& t) { return static_cast<const char*>(t.data_ptr()); };
+  const int64_t es = q.element_size();
+  const bool joint = q.stride(3) == 1 && q.stride(1) == D && q.stride(2) == W && (Bn == 1 || q.stride(0) == T * W) &&
+                     k.strides() == q.strides() && v.strides() == q.strides() && at_(k) == at_(q) + H * D * es &&
+                     at_(v) == at_(k) + Hk * D * es;
+  if (!joint)
+    return {heads_view(q, H, q.scalar_type()), heads_view(k, Hk, q.scalar_type()), heads_view(v, Hk, q.scalar_type())};
+  const at::Tensor all = at::empty({Bn, T, H + 2 * Hk, D}, q.options());
+  return {all.narrow(2, 0, H).transpose(1, 2), all.narrow(2, H, Hk).transpose(1, 2), all.narrow(2, H + Hk, Hk).transpose(1, 2)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                          double scale, const std::optional<at::Tensor>& starts, bool keep_p,
                                                          const std::optional<at::Tensor>& cos,
@@ -800,8 +853,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   const at::Tensor lse = lse_.contiguous();
   const int64_t Bn = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), group = H / Hk;
   const int64_t Tr = round_up(T, kRows), Tp = round_up(T, kKeys);
-  at::Tensor dq = heads_view(q, H, q.scalar_type()), dk = heads_view(k, Hk, q.scalar_type()),
-             dv = heads_view(v, Hk, q.scalar_type());
+  auto [dq, dk, dv] = like_qkv(q, k, v);
   const float* lp = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const float* kp = nullptr;  // the forward's P (B * H, Tr, Tp), where it kept it: not recomputed
@@ -993,7 +1045,83 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
   }
 };
 
+// x (..., C) times several weights (n_i, C), x w_i^T, written side by side into one (..., sum n_i) tensor and
+// returned as views of its column blocks: q, k and v (or SwiGLU's gate and up), whose gradients the attention and
+// SwiGLU kernels give back the same way, as the blocks of one tensor g. The backward then takes g whole: the
+// weights' gradients as one product g^T x (x read and packed by MKL once, not once a weight; each weight's gradient
+// a block of its rows), and dx = sum_i g_i w_i accumulated in place by the products (no sum of separate dx
+// afterwards). The weights are not joined (a copy of each every step cost as much as it saved at 512 rows).
+struct LinearsFn : torch::autograd::Function<LinearsFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList ws) {
+    const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
+    std::vector<int64_t> widths;
+    int64_t W = 0;
+    for (const at::Tensor& w : ws) {
+      TORCH_CHECK(w.dim() == 2 && w.size(1) == C && w.scalar_type() == x.scalar_type(), "linears: weights must be (n, C) of x's dtype");
+      widths.push_back(w.size(0));
+      W += w.size(0);
+    }
+    const at::Tensor x2 = x.reshape({rows, C}), y = at::empty({rows, W}, x.options());
+    variable_list saved{x2}, out;
+    for (int64_t i = 0, at_ = 0; i < static_cast<int64_t>(ws.size()); at_ += widths[i++]) {
+      at::Tensor block = y.narrow(1, at_, widths[i]);
+      at::mm_out(block, x2, ws[i].t());  // MKL writes the block in place (its rows W apart)
+      saved.push_back(ws[i]);
+      std::vector<int64_t> sizes = x.sizes().vec();
+      sizes.back() = widths[i];
+      out.push_back(block.view(sizes));
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["widths"] = widths;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor& x2 = s[0];
+    const auto widths = ctx->saved_data["widths"].toIntVector();
+    const int64_t rows = x2.size(0), n = static_cast<int64_t>(widths.size());
+    int64_t W = 0;
+    for (int64_t w : widths) W += w;
+    const at::Tensor gy = whole(g, widths, rows, W, x2);
+    variable_list out(1 + n);
+    if (ctx->needs_input_grad(0)) {
+      at::Tensor dx = at::mm(gy.narrow(1, 0, widths[0]), s[1]);
+      for (int64_t i = 1, at_ = widths[0]; i < n; at_ += widths[i++]) dx.addmm_(gy.narrow(1, at_, widths[i]), s[1 + i]);
+      out[0] = dx.view(ctx->saved_data["x_sizes"].toIntVector());
+    }
+    bool all = true, any = false;
+    for (int64_t i = 0; i < n; ++i) all = all && ctx->needs_input_grad(1 + i), any = any || ctx->needs_input_grad(1 + i);
+    if (any) {
+      const at::Tensor dw = all ? at::mm(gy.t(), x2) : at::Tensor();
+      for (int64_t i = 0, at_ = 0; i < n; at_ += widths[i++])
+        if (ctx->needs_input_grad(1 + i)) out[1 + i] = all ? dw.narrow(0, at_, widths[i]) : at::mm(gy.narrow(1, at_, widths[i]).t(), x2);
+    }
+    return out;
+  }
+  // the gradients of the blocks as one (rows, W) tensor: a view where they are the blocks of one already, else joined
+  static at::Tensor whole(const variable_list& g, const std::vector<int64_t>& widths, int64_t rows, int64_t W, const at::Tensor& like) {
+    bool joint = true;
+    const char* next = nullptr;
+    for (size_t i = 0; i < widths.size() && joint; ++i) {
+      const at::Tensor& t = g[i];
+      joint = t.defined() && t.scalar_type() == like.scalar_type() && t.dim() >= 1 && t.stride(-1) == 1 &&
+              (i == 0 || (t.is_alias_of(g[0]) && static_cast<const char*>(t.data_ptr()) == next));
+      if (!joint) break;
+      const auto st = at::detail::computeStride(t.sizes(), t.strides(), at::IntArrayRef({rows, widths[i]}));
+      joint = st.has_value() && (rows == 1 || (*st)[0] == W);
+      next = static_cast<const char*>(t.data_ptr()) + widths[i] * t.element_size();
+    }
+    if (joint) return g[0].as_strided({rows, W}, {W, 1});
+    std::vector<at::Tensor> parts;
+    for (size_t i = 0; i < widths.size(); ++i)
+      parts.push_back(g[i].defined() ? g[i].reshape({rows, widths[i]}) : at::zeros({rows, widths[i]}, like.options()));
+    return parts.size() == 1 ? parts[0].contiguous() : at::cat(parts, 1);
+  }
+};
+
 at::Tensor rms_norm_train(const at::Tensor& x, const at::Tensor& w, double eps) { return RMSNormFn::apply(x, w, eps); }
+std::vector<at::Tensor> linears_train(const at::Tensor& x, at::TensorList ws) { return LinearsFn::apply(x, ws); }
 at::Tensor rope_train(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) { return RopeFn::apply(x, c, s); }
 at::Tensor swiglu_train(const at::Tensor& a, const at::Tensor& u) { return SwiGLUFn::apply(a, u); }
 at::Tensor gelu_train(const at::Tensor& x) { return GELUFn::apply(x); }
@@ -1022,6 +1150,7 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("swiglu_train(Tensor a, Tensor u) -> Tensor");
   lib.def("gelu_train(Tensor x) -> Tensor");
   lib.def("attention_train(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None, Tensor? cos=None, Tensor? sin=None) -> Tensor");
+  lib.def("linears_train(Tensor x, Tensor[] weights) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
@@ -1040,6 +1169,7 @@ TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
   lib.impl("swiglu_train", swiglu_train);
   lib.impl("gelu_train", gelu_train);
   lib.impl("attention_train", attention_train);
+  lib.impl("linears_train", linears_train);
 }
 
 TORCH_LIBRARY_IMPL(llmgen_training, Meta, lib) {
@@ -1060,4 +1190,5 @@ TORCH_LIBRARY_IMPL(llmgen_training, Autograd, lib) {
   lib.impl("swiglu_train", swiglu_train);
   lib.impl("gelu_train", gelu_train);
   lib.impl("attention_train", attention_train);
+  lib.impl("linears_train", linears_train);
 }

@@ -60,10 +60,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return ops.rope_train(x, cos, signed_sin)
 
 
+def _rows(t: torch.Tensor) -> bool:
+    """Whether t is rows of its last dimension at one stride (contiguous, or a block of a wider tensor's columns)."""
+    try:
+        t.view(-1, t.shape[-1])
+        return True
+    except RuntimeError:
+        return False
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """transformer.swiglu (silu(gate) * up) for fp32 or bf16 CPU tensors of one shape and dtype through the kernel."""
     if not (_plain_cpu(gate, up, bf16=True) and gate.dtype == up.dtype and gate.shape == up.shape
-            and gate.is_contiguous() and up.is_contiguous()):
+            and gate.stride() == up.stride() and gate.stride(-1) == 1 and _rows(gate)):
         return transformer.swiglu(gate, up)
     return ops.swiglu_train(gate, up)
 
@@ -73,6 +82,30 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     if not (_plain_cpu(x, bf16=True) and x.is_contiguous()):
         return transformer.gelu(x)
     return ops.gelu_train(x)
+
+
+class JoinedLinears:
+    """q, k and v (or SwiGLU's gate and up) from one product while training: `linears_train` over the bias-free
+    nn.Linear modules `names` of `parent`, looked up at each call (a LoRA wrapper put in one's place since makes
+    the call run them one by one, as does evaluation or decoding: no backward to come). Their gradients come back
+    from the attention and SwiGLU kernels as the blocks of one tensor, so the backward runs two products for
+    them all (dx = g W, dW = g^T x), not two each and a sum: ~2.5 ms of a `small` layer's 160 (docs/benchmarks.md).
+    Under bf16 autocast they run in bf16, as nn.Linear would."""
+
+    def __init__(self, parent: nn.Module, names: tuple[str, ...]):
+        self.parent, self.names = parent, names
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mods = [getattr(self.parent, n) for n in self.names]
+        ws = [m.weight for m in mods if type(m) is nn.Linear and m.bias is None]
+        if (torch.is_grad_enabled() and len(ws) == len(mods) and _plain_cpu(x, *ws)
+                and (x.requires_grad or any(w.requires_grad for w in ws))):
+            if not torch.is_autocast_enabled("cpu"):
+                return tuple(ops.linears_train(x, ws))
+            if torch.get_autocast_dtype("cpu") == torch.bfloat16:
+                with torch.autocast("cpu", enabled=False):
+                    return tuple(ops.linears_train(x.bfloat16(), [w.bfloat16() for w in ws]))
+        return tuple(m(x) for m in mods)
 
 
 def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> Optional[torch.Tensor]:
@@ -192,8 +225,12 @@ def enable(model: nn.Module, loss: Optional[nn.Module] = None) -> str:
         m.kernel = rms_norm
     for m in attns:
         m.rotate, m.attend, m.attend_rope = rotate, attend, attend_rope
+    for m in attns:
+        m.fused_qkv = m.fused_qkv or JoinedLinears(m, ("wq", "wk", "wv"))
     for m in mlps:
         m.swiglu, m.gelu = swiglu, gelu
+        if m.gated:
+            m.fused_gate_up = m.fused_gate_up or JoinedLinears(m, ("w1", "w3"))
     if loss is not None:
         loss.kernel = cross_entropy_grad
     return f"fused {'/'.join(parts)} kernels"
