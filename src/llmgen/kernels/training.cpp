@@ -598,6 +598,9 @@ void gather(const Rows<T_>& src, int64_t b, int64_t h, int64_t T, int64_t D, flo
             const Rot& rot = Rot()) {
   for (int64_t t = 0; t < T; ++t) {
     const T_* s = src.row(b, h, t);
+    if (t + 4 < T)  // rows 4 ahead on their way into cache (the rows are heads apart: a stride the hardware misses)
+      for (int64_t d = 0; d < D * static_cast<int64_t>(sizeof(T_)); d += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(src.row(b, h, t + 4)) + d, _MM_HINT_T0);
     if (rot.cos) {
       rotate_row(s, rot, b, t, D, scale, dst + t * D);
       continue;
@@ -823,13 +826,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const at::Tensor& q, co
               const float *src = s.data() + r * Tp;
               float* dst = pp + (u * Tr + i0 + r) * Tp;
               const __m256 iv = _mm256_set1_ps(inv[r]);
-              for (int64_t j = 0; j < kc; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_loadu_ps(src + j), iv));
+              // streamed past the cache (the backward reads it long after): no read of the lines first (32-byte aligned: Tp
+              // a multiple of 8 from torch's 64-byte aligned block)
+              for (int64_t j = 0; j < kc; j += 8) _mm256_stream_ps(dst + j, _mm256_mul_ps(_mm256_loadu_ps(src + j), iv));
             }
           const int64_t rows = std::min(kRows, T - i0);
           for (int64_t r = 0; r < rows; ++r) scatter(out.data() + r * D, 1, D, inv[r], O, b, h, i0 + r);
           std::copy(lse4, lse4 + rows, lp + u * T + i0);
         }
       }
+      _mm_sfence();  // the streamed P visible to whichever thread runs the backward
     });
     return 0;
   });
@@ -900,6 +906,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
             float l4[kRows] = {0.f, 0.f, 0.f, 0.f};
             std::copy(lrow + i0, lrow + i0 + rows, l4);
             const float* pb = ph + i0 * Tp;
+            if (kp && i0 + kRows < T)  // the next block's rows of the kept P (long out of cache) fetched while this one runs
+              for (int64_t r = 0; r < kRows; ++r)
+                for (int64_t j = 0; j < kc + kKeys; j += 16)
+                  _mm_prefetch(reinterpret_cast<const char*>(pb + (kRows + r) * Tp + j), _MM_HINT_T0);
             float* db = ds.data() + i0 * Tp;
             int64_t f4[kRows];
             first4(st, b, i0, T, f4);
