@@ -679,6 +679,21 @@ def test_joined_projections_equal_separate_linears():
 
 
 @needs_training_kernels
+def test_grad_norm_kernel_equals_float64():
+    """The gradients' global norm for clipping (`training.grad_norm`, on every thread) is the float64 norm to fp32
+    rounding, over tensors longer and shorter than its 64K-float pieces and off its 32-float steps; anything but
+    contiguous fp32 is left to torch (None)."""
+    native.build(training.SOURCE, training.WHAT, 25)
+    torch.manual_seed(0)
+    grads = [torch.randn(300, 700) * 3, torch.randn(37), torch.randn(65536 + 33), torch.randn(1) * 1e3]
+    exact = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    assert training.grad_norm(grads).dtype == torch.float32
+    assert training.grad_norm(grads).double().item() == pytest.approx(exact.item(), rel=1e-6)
+    assert training.grad_norm(grads[1:2]).item() == pytest.approx(grads[1].double().norm().item(), rel=1e-6)
+    assert training.grad_norm([grads[0].t()]) is None and training.grad_norm([grads[1].double()]) is None
+
+
+@needs_training_kernels
 def test_cross_entropy_kernel_equals_torchs():
     """The loss's softmax kernel: the same weighted loss sum and gradient rows as torch's ops (softmax_grad_)
     and, through the chunked loss, as F.cross_entropy, for vocabularies on and off its 8-lane vectors,

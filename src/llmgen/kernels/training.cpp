@@ -425,6 +425,40 @@ at::Tensor gelu_backward(const at::Tensor& g_, const at::Tensor& x) {
   return dx;
 }
 
+// sum_i sum_j t_i[j]^2 over contiguous fp32 tensors (the gradients, for clipping to a global norm), on every thread:
+// torch's norms of a list run each tensor on one (17 ms for llama-110m's 79M gradients, 9 here). Pieces of 64K
+// floats, 4 accumulators each, summed in double.
+at::Tensor sum_squares(at::TensorList ts) {
+  constexpr int64_t kPiece = 1 << 16;
+  std::vector<std::pair<const float*, int64_t>> pieces;
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "sum_squares: fp32 contiguous CPU tensors only");
+    const float* p = t.data_ptr<float>();
+    for (int64_t i = 0; i < t.numel(); i += kPiece) pieces.emplace_back(p + i, std::min(kPiece, t.numel() - i));
+  }
+  std::vector<double> part(pieces.size());
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* p = pieces[i].first;
+      const int64_t n = pieces[i].second;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t j = 0;
+      for (; j + 32 <= n; j += 32) {
+        const __m256 x0 = _mm256_loadu_ps(p + j), x1 = _mm256_loadu_ps(p + j + 8), x2 = _mm256_loadu_ps(p + j + 16),
+                     x3 = _mm256_loadu_ps(p + j + 24);
+        a0 = _mm256_fmadd_ps(x0, x0, a0), a1 = _mm256_fmadd_ps(x1, x1, a1), a2 = _mm256_fmadd_ps(x2, x2, a2);
+        a3 = _mm256_fmadd_ps(x3, x3, a3);
+      }
+      double sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; j < n; ++j) sum += static_cast<double>(p[j]) * p[j];
+      part[i] = sum;
+    }
+  });
+  double total = 0.0;
+  for (double v : part) total += v;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
+}
+
 // Cross-entropy over rows of logits (N, V), in place: row i becomes w_i (softmax(row) - onehot(t_i)), the
 // gradient of sum_i w_i (lse_i - row_i[t_i]), which is returned (fp32 scalar). A row with w_i = 0 becomes 0
 // (an ignored target). Three passes over a row while it is in cache: its maximum, exp(x - max) with their
@@ -1154,6 +1188,7 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? starts=None, bool keep_p=False, Tensor? cos=None, Tensor? sin=None) -> (Tensor, Tensor, Tensor)");
   lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? starts=None, Tensor? p=None, Tensor? cos=None, Tensor? sin=None) -> (Tensor, Tensor, Tensor)");
   lib.def("cross_entropy_grad(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor");
+  lib.def("sum_squares(Tensor[] tensors) -> Tensor");
   // the same with their backward: one autograd node each
   lib.def("rms_norm_train(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def("rope_train(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -1174,6 +1209,7 @@ TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
   lib.impl("attention", attention);
   lib.impl("attention_backward", attention_backward);
   lib.impl("cross_entropy_grad", cross_entropy_grad);
+  lib.impl("sum_squares", sum_squares);
   lib.impl("rms_norm_train", rms_norm_train);  // under inference mode (no autograd key): forward only
   lib.impl("rope_train", rope_train);
   lib.impl("swiglu_train", swiglu_train);

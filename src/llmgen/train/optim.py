@@ -10,6 +10,7 @@ import torch
 
 from llmgen.config import TrainConfig
 from llmgen.errors import LlmgenError
+from llmgen.kernels import training
 
 
 def lr_scale(name: str, n_layer: int, decay: float) -> float:
@@ -64,7 +65,9 @@ def fold_clip(optimizer: torch.optim.Optimizer, max_norm: float) -> bool:
         return False
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if grads:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        norm = training.grad_norm(grads)  # on every thread where the training kernels are loaded
+        if norm is None:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # torch's clip factor, inverted
     return True
 
