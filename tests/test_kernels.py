@@ -694,6 +694,54 @@ def test_grad_norm_kernel_equals_float64():
 
 
 @needs_training_kernels
+def test_adamw_kernel_steps_as_torchs_fused_adamw():
+    """optim.AdamW's CPU step through the kernel (training.adamw_step) follows torch's fused AdamW to fp32
+    rounding over several steps: two groups (with and without weight decay), a clip factor in grad_scale on some
+    steps, a parameter without a gradient left alone, sizes off the vector width; the state is torch's (one
+    optimizer's state_dict loads into the other and both go on alike); a bf16 parameter takes torch's step."""
+    native.build(training.SOURCE, training.WHAT, 25)
+    from llmgen.train.optim import AdamW
+
+    torch.manual_seed(0)
+    shapes = [(64, 33), (37,), (3, 5, 7), (70000,)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+
+    def groups(ps):
+        return [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+
+    o_ours = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    o_ref = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    for i in range(6):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours[2].grad = ref[2].grad = None if i == 3 else ours[2].grad
+        o_ours.grad_scale = o_ref.grad_scale = torch.tensor(2.5) if i % 2 else None
+        assert training.adamw_step(o_ours)  # the kernel ran (the optimizer's step calls the same)
+        o_ref.step()
+        o_ours.grad_scale = o_ref.grad_scale = None
+        for p, q in zip(ours, ref):
+            assert torch.allclose(p, q, atol=2e-6, rtol=1e-5)
+    assert o_ours.state[ours[2]]["step"].item() == 5 and o_ours.state[ours[0]]["step"].dtype == torch.float32
+    for a, b in zip(o_ours.state.values(), o_ref.state.values()):
+        assert torch.allclose(a["exp_avg"], b["exp_avg"], atol=1e-6) and torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], atol=1e-7)
+    o_ours.load_state_dict(copy.deepcopy(o_ref.state_dict()))  # torch's state goes on through the kernel
+    for p, q in zip(ours, ref):
+        p.data.copy_(q.data)
+        p.grad = q.grad = torch.ones(p.shape)
+    o_ours.step(), o_ref.step()
+    assert all(torch.allclose(p, q, atol=2e-6, rtol=1e-5) for p, q in zip(ours, ref))
+    half = torch.randn(8, requires_grad=True, dtype=torch.bfloat16)
+    half.grad = torch.ones(8, dtype=torch.bfloat16)
+    mixed = AdamW([half], lr=1e-2, fused=True)
+    assert not training.adamw_step(mixed)
+    before = half.detach().clone()
+    mixed.step()  # torch's own step
+    assert not torch.equal(half.detach(), before)
+
+
+@needs_training_kernels
 def test_cross_entropy_kernel_equals_torchs():
     """The loss's softmax kernel: the same weighted loss sum and gradient rows as torch's ops (softmax_grad_)
     and, through the chunked loss, as F.cross_entropy, for vocabularies on and off its 8-lane vectors,

@@ -459,6 +459,62 @@ at::Tensor sum_squares(at::TensorList ts) {
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
 }
 
+// One AdamW step (decoupled weight decay, torch.optim.AdamW's arithmetic) over lists of contiguous fp32 CPU tensors, in
+// place, on every thread at once: p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), with g the gradient divided by grad_scale where given
+// (clipping folded in). torch's fused CPU step runs one parallel loop a tensor and writes the divided gradient back
+// (a pass over every gradient nobody reads); here one loop over pieces of all of them, the gradient only read.
+void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList steps, double lr, double beta1, double beta2, double weight_decay, double eps,
+                const std::optional<at::Tensor>& grad_scale) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+              "adamw_step: lists of different lengths");
+  struct Coef { float decay, step_size, inv_bc2_sqrt; };
+  std::vector<Coef> coef(n);
+  constexpr int64_t kPiece = 1 << 15;
+  std::vector<std::pair<size_t, int64_t>> pieces;  // (tensor, first element)
+  for (size_t i = 0; i < n; ++i) {
+    for (const at::Tensor* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == params[i].numel(),
+                  "adamw_step: contiguous fp32 CPU tensors of one size each");
+    const double t = steps[i].item<double>(), bc1 = 1 - std::pow(beta1, t), bc2 = 1 - std::pow(beta2, t);
+    coef[i] = {static_cast<float>(1 - lr * weight_decay), static_cast<float>(lr / bc1), static_cast<float>(1 / std::sqrt(bc2))};
+    for (int64_t e = 0; e < params[i].numel(); e += kPiece) pieces.emplace_back(i, e);
+  }
+  const float inv_scale = grad_scale ? 1.f / grad_scale->item<float>() : 1.f;
+  const float b1 = beta1, b2 = beta2, c1 = 1 - beta1, c2 = 1 - beta2, ep = eps;
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const size_t i = pieces[k].first;
+      const int64_t e0 = pieces[k].second, e1 = std::min(params[i].numel(), e0 + kPiece);
+      float *p = params[i].data_ptr<float>(), *m = exp_avgs[i].data_ptr<float>(), *v = exp_avg_sqs[i].data_ptr<float>();
+      const float* g = grads[i].data_ptr<float>();
+      const Coef c = coef[i];
+      const __m256 vdecay = _mm256_set1_ps(c.decay), vstep = _mm256_set1_ps(c.step_size), vbc = _mm256_set1_ps(c.inv_bc2_sqrt),
+                   vis = _mm256_set1_ps(inv_scale), vb1 = _mm256_set1_ps(b1), vb2 = _mm256_set1_ps(b2), vc1 = _mm256_set1_ps(c1),
+                   vc2 = _mm256_set1_ps(c2), veps = _mm256_set1_ps(ep);
+      int64_t j = e0;
+      for (; j + 8 <= e1; j += 8) {
+        const __m256 gv = _mm256_mul_ps(_mm256_loadu_ps(g + j), vis);
+        const __m256 mv = _mm256_fmadd_ps(_mm256_loadu_ps(m + j), vb1, _mm256_mul_ps(gv, vc1));
+        const __m256 vv = _mm256_fmadd_ps(_mm256_loadu_ps(v + j), vb2, _mm256_mul_ps(_mm256_mul_ps(gv, gv), vc2));
+        const __m256 denom = _mm256_fmadd_ps(_mm256_sqrt_ps(vv), vbc, veps);
+        const __m256 pv = _mm256_mul_ps(_mm256_loadu_ps(p + j), vdecay);
+        _mm256_storeu_ps(m + j, mv);
+        _mm256_storeu_ps(v + j, vv);
+        _mm256_storeu_ps(p + j, _mm256_sub_ps(pv, _mm256_div_ps(_mm256_mul_ps(vstep, mv), denom)));
+      }
+      for (; j < e1; ++j) {
+        const float gv = g[j] * inv_scale;
+        m[j] = m[j] * b1 + gv * c1;
+        v[j] = v[j] * b2 + gv * gv * c2;
+        p[j] = p[j] * c.decay - c.step_size * m[j] / (std::sqrt(v[j]) * c.inv_bc2_sqrt + ep);
+      }
+    }
+  });
+}
+
 // Cross-entropy over rows of logits (N, V), in place: row i becomes w_i (softmax(row) - onehot(t_i)), the
 // gradient of sum_i w_i (lse_i - row_i[t_i]), which is returned (fp32 scalar). A row with w_i = 0 becomes 0
 // (an ignored target). Three passes over a row while it is in cache: its maximum, exp(x - max) with their
@@ -1189,6 +1245,7 @@ TORCH_LIBRARY(llmgen_training, lib) {
   lib.def("attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? starts=None, Tensor? p=None, Tensor? cos=None, Tensor? sin=None) -> (Tensor, Tensor, Tensor)");
   lib.def("cross_entropy_grad(Tensor(a!) logits, Tensor targets, Tensor weights) -> Tensor");
   lib.def("sum_squares(Tensor[] tensors) -> Tensor");
+  lib.def("adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor[] steps, float lr, float beta1, float beta2, float weight_decay, float eps, Tensor? grad_scale=None) -> ()");
   // the same with their backward: one autograd node each
   lib.def("rms_norm_train(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def("rope_train(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -1210,6 +1267,7 @@ TORCH_LIBRARY_IMPL(llmgen_training, CPU, lib) {
   lib.impl("attention_backward", attention_backward);
   lib.impl("cross_entropy_grad", cross_entropy_grad);
   lib.impl("sum_squares", sum_squares);
+  lib.impl("adamw_step", adamw_step);
   lib.impl("rms_norm_train", rms_norm_train);  // under inference mode (no autograd key): forward only
   lib.impl("rope_train", rope_train);
   lib.impl("swiglu_train", swiglu_train);

@@ -126,6 +126,44 @@ def grad_norm(grads: list[torch.Tensor]) -> Optional[torch.Tensor]:
     return ops.sum_squares(grads).sqrt()
 
 
+def adamw_step(opt: torch.optim.AdamW) -> bool:
+    """One step of torch's AdamW `opt` through the `adamw_step` kernel: its arithmetic, its state (exp_avg,
+    exp_avg_sq, a float32 step count per parameter, made as torch makes them) and its `grad_scale` (the clip
+    factor optim.fold_clip puts there), in one parallel loop over every tensor, the gradient only read. torch's
+    fused CPU step runs a loop per tensor and writes each divided gradient back: llama-110m's step 58 -> 46 ms on
+    2 cores. False (nothing done) unless the library is loaded and every parameter with a gradient is a contiguous
+    fp32 CPU tensor in a plain group (no amsgrad, maximize, capturable or tensor lr; no found_inf)."""
+    if not hasattr(ops, "adamw_step") or getattr(opt, "found_inf", None) is not None:
+        return False
+    work = []
+    for group in opt.param_groups:
+        if (group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable")
+                or isinstance(group["lr"], torch.Tensor)):
+            return False
+        ps = [p for p in group["params"] if p.grad is not None]
+        if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.layout == torch.strided
+                   for p in ps for t in (p, p.grad)):
+            return False
+        work.append((group, ps))
+    with torch.no_grad():
+        for group, ps in work:
+            if not ps:
+                continue
+            states = [opt.state[p] for p in ps]
+            for p, st in zip(ps, states):
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            ops.adamw_step(ps, [p.grad for p in ps], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                           steps, group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
+                           getattr(opt, "grad_scale", None))
+    return True
+
+
 # Past this many tokens torch's flash kernel, which tiles the keys, is the faster (docs/benchmarks.md).
 ATTENTION_MAX_LEN = 512
 

@@ -52,8 +52,19 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str,
     groups = param_groups(model, t.weight_decay, layer_lr_decay)
     if not groups:
         raise LlmgenError("no parameter is trainable; check finetune.method / trainable_layers / trainable_parts")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
-                             eps=1e-8, **({"fused": True} if fused else {}))
+    cls = AdamW if fused and device_type == "cpu" else torch.optim.AdamW
+    return cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, **({"fused": True} if fused else {}))
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's fused AdamW whose CPU step goes through the training kernels where they are loaded
+    (kernels.training.adamw_step: one parallel loop over every tensor, ~20 % faster), torch's own step otherwise;
+    the same state either way, so checkpoints move between the two."""
+
+    def step(self, closure=None):
+        if closure is None and training.adamw_step(self):
+            return None
+        return super().step(closure)
 
 
 def fold_clip(optimizer: torch.optim.Optimizer, max_norm: float) -> bool:
