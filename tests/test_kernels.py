@@ -660,6 +660,11 @@ def test_joined_projections_equal_separate_linears():
     assert isinstance(models[0].blocks[0].attn.fused_qkv, training.JoinedLinears)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(*grad_sets))
+    with torch.no_grad():  # prepared for decoding afterwards: the decoding path's joined projections take over
+        want = models[1](idx)
+        fuse_projections(models[0])
+        assert not isinstance(models[0].blocks[0].attn.fused_qkv, training.JoinedLinears)
+        assert torch.allclose(models[0](idx), want, atol=1e-4)
 
     # where it does not apply: the modules one by one
     with torch.no_grad():

@@ -79,7 +79,7 @@ def stale(fused, first: nn.Module) -> bool:
     """Whether a fused projection (or a swapped layer) is missing or no longer backs its layers (the
     model was moved to another device or dtype since: its parameters are new tensors, not the weight
     it was made from)."""
-    return fused is None or first.weight.data_ptr() != fused.made_from
+    return getattr(fused, "made_from", None) != first.weight.data_ptr()  # (training's JoinedLinears: not made from one)
 
 
 def fuse_projections(model: Transformer, fp16: bool = False) -> Transformer:
