@@ -4,7 +4,7 @@
 nanoGPT's `model.py` (cloned from its public repository into a temp dir, never vendored) with its own
 AdamW (`configure_optimizers`) and torch's clipping, and llmgen's model with its own optimizer
 (`make_optimizer`; clipping inside its fused step, as the trainer does) and, on the CPU, its fused
-RMSNorm/RoPE/attention/SwiGLU/cross-entropy kernels, train in the same bare loop (batch, backward, clipping at 1.0, step)
+RMSNorm/RoPE/attention/SwiGLU/cross-entropy/AdamW kernels, train in the same bare loop (batch, backward, clipping at 1.0, step)
 on the same random token windows, alternating step by step so that both see the same machine
 noise. Each side keeps its vocabulary (nanoGPT's 65 characters, llmgen's 260 bytes), as the
 time-to-quality recipes do. llmgen's variants: its default llama block and its gpt2 block, each with and
@@ -67,9 +67,9 @@ def llmgen(arch: str, kernels: bool, **model):
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     loss = LanguageModelLoss(model)
-    if kernels:
-        print(f"llmgen {arch}: {training.enable(model, loss)}")
     opt = make_optimizer(model, cfg.train, "cpu")
+    if kernels:
+        print(f"llmgen {arch}: {training.enable(model, loss, opt)}")
     return loss, (lambda: fold_clip(opt, 1.0)), opt, 260  # the trainer's clipping, inside the fused AdamW
 
 

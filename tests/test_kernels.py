@@ -716,6 +716,9 @@ def test_adamw_kernel_steps_as_torchs_fused_adamw():
         return [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
 
     o_ours = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    assert "AdamW" in training.enable(Transformer(ModelConfig(preset=None, n_layer=1, n_head=2, d_model=32, max_seq_len=8,
+                                                              vocab_size=16)), None, o_ours)
+    assert o_ours.cpu_kernels and not AdamW(groups(ref), fused=True).cpu_kernels  # set by enable, not before
     o_ref = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
     for i in range(6):
         for p, q in zip(ours, ref):
@@ -802,7 +805,7 @@ def test_training_with_the_kernels_follows_torchs_ops(tmp_path):
         losses[on] = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
                       if "loss" in json.loads(x)]
         assert all(m.kernel is (training.rms_norm if on else None) for m in model.modules() if isinstance(m, RMSNorm))
-    assert "fused RMSNorm/RoPE/attention/SwiGLU/cross-entropy kernels" in lines[True] and "kernels" not in lines[False]
+    assert "fused RMSNorm/RoPE/attention/SwiGLU/cross-entropy/AdamW kernels" in lines[True] and "kernels" not in lines[False]
     gpt2 = Transformer(ModelConfig(preset=None, arch="gpt2", n_layer=1, n_head=2, d_model=64, max_seq_len=16,
                                    vocab_size=64))
     assert training.enable(gpt2) == "fused attention/GELU kernels"

@@ -245,19 +245,20 @@ def missing() -> Optional[str]:
     return native.missing(WHAT)
 
 
-def enable(model: nn.Module, loss: Optional[nn.Module] = None) -> str:
+def enable(model: nn.Module, loss: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> str:
     """Set the kernels on the RMSNorm, attention and MLP modules in `model` (a Transformer or a wrapper of
-    one), and the cross-entropy kernel on `loss` (a train.loss.LanguageModelLoss: its `kernel` hook), building
-    them on first use; returns what the run uses, for its start line. Where they cannot run, the model keeps
-    torch's ops and the line says why; a failed build is reported the same way, never an error (training
-    runs without them)."""
+    one), the cross-entropy kernel on `loss` (a train.loss.LanguageModelLoss: its `kernel` hook) and the AdamW
+    step and clip norm on `optimizer` (train.optim.AdamW: its `cpu_kernels` flag), building them on first use;
+    returns what the run uses, for its start line. Where they cannot run, the model keeps torch's ops and the
+    line says why; a failed build is reported the same way, never an error (training runs without them)."""
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     rope = any(isinstance(m, Transformer) and m.cfg.positions == "rope" for m in model.modules())
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
     parts = [name for name, used in (("RMSNorm", norms), ("RoPE", attns if rope else []), ("attention", attns),
                                      ("SwiGLU", [m for m in mlps if m.gated]), ("GELU", [m for m in mlps if not m.gated]),
-                                     ("cross-entropy", [loss] if loss is not None else []))
+                                     ("cross-entropy", [loss] if loss is not None else []),
+                                     ("AdamW", [optimizer] if hasattr(optimizer, "cpu_kernels") else []))
              if used]
     if not parts:
         return "torch's ops (nothing to fuse)"
@@ -280,4 +281,6 @@ def enable(model: nn.Module, loss: Optional[nn.Module] = None) -> str:
             m.fused_gate_up = m.fused_gate_up or JoinedLinears(m, ("w1", "w3"))
     if loss is not None:
         loss.kernel = cross_entropy_grad
+    if hasattr(optimizer, "cpu_kernels"):
+        optimizer.cpu_kernels = True
     return f"fused {'/'.join(parts)} kernels"

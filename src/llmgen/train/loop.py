@@ -133,9 +133,10 @@ class Trainer:
         # compiled on a GPU, inductor fuses logits + cross-entropy itself: the plain loss measured 3-8 % faster
         # steps than the chunked one there (gpt2-124m, H200), at the same peak memory
         loss = LanguageModelLoss(model, chunked=not (t.compile and acc.device.type == "cuda"))
-        # on the CPU, fused RMSNorm/RoPE/attention/SwiGLU/GELU/softmax (~25 % of a small model's eager step);
+        # on the CPU, fused RMSNorm/RoPE/attention/SwiGLU/GELU/softmax/AdamW (~25 % of a small model's eager step);
         # compiled, inductor fuses them
-        self.kernels = kernels.enable(model, loss) if t.kernels and acc.device.type == "cpu" and not t.compile else None
+        self.kernels = (kernels.enable(model, loss, optimizer) if t.kernels and acc.device.type == "cpu" and not t.compile
+                        else None)
         if acc.device.type == "cpu":
             kernels.keep_freed_memory()  # each step reuses the last one's memory instead of faulting it back in
         self.model, self.optimizer = acc.prepare(loss, optimizer)

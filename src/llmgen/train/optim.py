@@ -57,12 +57,14 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str,
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's fused AdamW whose CPU step goes through the training kernels where they are loaded
-    (kernels.training.adamw_step: one parallel loop over every tensor, ~20 % faster), torch's own step otherwise;
-    the same state either way, so checkpoints move between the two."""
+    """torch's fused AdamW whose CPU step goes through the training kernels once `kernels.training.enable` has
+    set `cpu_kernels` (adamw_step: one parallel loop over every tensor, ~20 % faster; fold_clip's norm on every
+    thread too), torch's own step otherwise; the same state either way, so checkpoints move between the two."""
+
+    cpu_kernels = False
 
     def step(self, closure=None):
-        if closure is None and training.adamw_step(self):
+        if closure is None and self.cpu_kernels and training.adamw_step(self):
             return None
         return super().step(closure)
 
@@ -76,7 +78,7 @@ def fold_clip(optimizer: torch.optim.Optimizer, max_norm: float) -> bool:
         return False
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if grads:
-        norm = training.grad_norm(grads)  # on every thread where the training kernels are loaded
+        norm = training.grad_norm(grads) if getattr(optimizer, "cpu_kernels", False) else None  # on every thread
         if norm is None:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # torch's clip factor, inverted
