@@ -428,19 +428,29 @@ at::Tensor gelu_backward(const at::Tensor& g_, const at::Tensor& x) {
 // sum_i sum_j t_i[j]^2 over contiguous fp32 tensors (the gradients, for clipping to a global norm), on every thread:
 // torch's norms of a list run each tensor on one (17 ms for llama-110m's 79M gradients, 9 here). Pieces of 64K
 // floats, 4 accumulators each, summed in double.
+// Elements [begin, end) of tensor `t` of a list: the list cut into pieces of at most `size` elements, so that one
+// parallel loop over all of them shares the work out evenly whatever the tensors' sizes.
+struct Piece {
+  size_t t;
+  int64_t begin, end;
+};
+
+std::vector<Piece> pieces_of(at::TensorList ts, int64_t size) {
+  std::vector<Piece> out;
+  for (size_t i = 0; i < ts.size(); ++i)
+    for (int64_t e = 0; e < ts[i].numel(); e += size) out.push_back({i, e, std::min(ts[i].numel(), e + size)});
+  return out;
+}
+
 at::Tensor sum_squares(at::TensorList ts) {
-  constexpr int64_t kPiece = 1 << 16;
-  std::vector<std::pair<const float*, int64_t>> pieces;
-  for (const at::Tensor& t : ts) {
+  for (const at::Tensor& t : ts)
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "sum_squares: fp32 contiguous CPU tensors only");
-    const float* p = t.data_ptr<float>();
-    for (int64_t i = 0; i < t.numel(); i += kPiece) pieces.emplace_back(p + i, std::min(kPiece, t.numel() - i));
-  }
+  const std::vector<Piece> pieces = pieces_of(ts, 1 << 16);
   std::vector<double> part(pieces.size());
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const float* p = pieces[i].first;
-      const int64_t n = pieces[i].second;
+      const float* p = ts[pieces[i].t].data_ptr<float>() + pieces[i].begin;
+      const int64_t n = pieces[i].end - pieces[i].begin;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       int64_t j = 0;
       for (; j + 32 <= n; j += 32) {
@@ -472,22 +482,20 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
               "adamw_step: lists of different lengths");
   struct Coef { float decay, step_size, inv_bc2_sqrt; };
   std::vector<Coef> coef(n);
-  constexpr int64_t kPiece = 1 << 15;
-  std::vector<std::pair<size_t, int64_t>> pieces;  // (tensor, first element)
   for (size_t i = 0; i < n; ++i) {
     for (const at::Tensor* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]})
       TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == params[i].numel(),
                   "adamw_step: contiguous fp32 CPU tensors of one size each");
     const double t = steps[i].item<double>(), bc1 = 1 - std::pow(beta1, t), bc2 = 1 - std::pow(beta2, t);
     coef[i] = {static_cast<float>(1 - lr * weight_decay), static_cast<float>(lr / bc1), static_cast<float>(1 / std::sqrt(bc2))};
-    for (int64_t e = 0; e < params[i].numel(); e += kPiece) pieces.emplace_back(i, e);
   }
+  const std::vector<Piece> pieces = pieces_of(params, 1 << 15);
   const float inv_scale = grad_scale ? 1.f / grad_scale->item<float>() : 1.f;
   const float b1 = beta1, b2 = beta2, c1 = 1 - beta1, c2 = 1 - beta2, ep = eps;
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const size_t i = pieces[k].first;
-      const int64_t e0 = pieces[k].second, e1 = std::min(params[i].numel(), e0 + kPiece);
+      const size_t i = pieces[k].t;
+      const int64_t e0 = pieces[k].begin, e1 = pieces[k].end;
       float *p = params[i].data_ptr<float>(), *m = exp_avgs[i].data_ptr<float>(), *v = exp_avg_sqs[i].data_ptr<float>();
       const float* g = grads[i].data_ptr<float>();
       const Coef c = coef[i];
