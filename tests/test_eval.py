@@ -12,7 +12,7 @@ from llmgen.config import ModelConfig
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.errors import LlmgenError
 from llmgen.evaluate.metrics import load_metric
-from llmgen.evaluate.perplexity import perplexity, windows
+from llmgen.evaluate.perplexity import perplexity, token_nll, windows
 from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
 
@@ -75,6 +75,33 @@ def test_sliding_window_perplexity_equals_hand_computation():
     assert res.tokens == 40 and res.loss == pytest.approx(total / n, rel=1e-5)
     assert res.ppl == pytest.approx(math.exp(total / n), rel=1e-5)
     assert res.bits_per_byte == pytest.approx(total / math.log(2) / 41, rel=1e-5)
+
+
+class _RowsSeen(torch.nn.Module):
+    """A head that records how many rows each call gives it."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.rows = head, []
+
+    def forward(self, h):
+        self.rows.append(h.reshape(-1, h.shape[-1]).shape[0])
+        return self.head(h)
+
+
+def test_token_nll_takes_the_head_a_chunk_of_target_rows_at_a_time():
+    # evaluation never holds the (B, T, V) logits: SmolLM2's 8 x 8,192-token windows were 12.9 GB of them
+    model = _tiny(max_seq_len=32)
+    x, t = torch.randint(0, 256, (3, 32)), torch.randint(0, 260, (3, 32))
+    t[0, :10] = -100
+    t[2] = -100
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(x).reshape(-1, 260), t.reshape(-1), ignore_index=-100,
+                                                reduction="sum")
+        model.lm_head = seen = _RowsSeen(model.lm_head)
+        got = token_nll(model, x, t, chunk_bytes=4 * 260 * 7)  # 7 rows a chunk
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert max(seen.rows) == 7 and sum(seen.rows) == 54  # only rows with a target reach the head
 
 
 @pytest.fixture

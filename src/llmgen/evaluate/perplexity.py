@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -26,6 +25,25 @@ class PerplexityResult:
     bits_per_byte: Optional[float]
     seconds: float = 0.0
 
+
+
+def token_nll(model, x: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 1 << 26, **kw) -> torch.Tensor:
+    """The summed next-token negative log-likelihood (fp32 scalar, nats) of `targets` (B, T) under `model`'s
+    logits for `x` (B, T); -100 targets are not scored. The (B, T, V) logits are never in memory at once: the
+    final hidden states go through the head ~64 MB of logits at a time, and only at the rows with a target
+    (a window of 8 x 8,192 tokens at SmolLM2's 49,152-token vocabulary is 12.9 GB of logits, twice that with
+    their log-softmax). Any head module works (a quantized or LoRA-wrapped one too); under autocast the
+    logits are taken in fp32 as F.cross_entropy(logits.float()) would."""
+    h = model(x, hidden=True, **kw)
+    h, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    keep = (t != -100).nonzero().squeeze(1)
+    h, t = h.index_select(0, keep), t.index_select(0, keep)
+    rows = max(1, chunk_bytes // (4 * model.cfg.vocab_size))
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, t.numel(), rows):
+        logits = model.lm_head(h[s:s + rows]).float()  # (rows, V)
+        total += (torch.logsumexp(logits, -1) - logits.gather(1, t[s:s + rows, None]).squeeze(1)).sum()
+    return total
 
 
 def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -63,9 +81,7 @@ def perplexity(model, ids: np.ndarray, n_bytes: Optional[int] = None, stride: Op
                 # logits at local position k predict token b + k + 1; score tokens first..e-1
                 k0 = first - b - 1
                 targets[r, k0:e - b - 1] = x[r, k0 + 1:]
-            logits = model(x)  # (B, T, V)
-            nll += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                         ignore_index=-100, reduction="sum"))
+            nll += float(token_nll(model, x, targets))
             count += int((targets != -100).sum())
             if progress is not None:
                 progress(len(chunk))

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmgen.evaluate.perplexity import token_nll
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `h @ weight.T` against targets without the (N, V) logits in memory.
@@ -108,8 +110,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 
 class LanguageModelLoss(nn.Module):
     """model(x, y, **kw) -> the mean next-token loss. With gradients on and a plain bias-free head it is
-    computed chunk by chunk from the hidden states (`linear_cross_entropy`) unless `chunked` is off;
-    otherwise (evaluation, a wrapped head) from the logits. `kernel` is the chunked loss's hook for a kernel
+    computed chunk by chunk from the hidden states (`linear_cross_entropy`) unless `chunked` is off; in
+    evaluation (no gradients) a chunk of rows at a time through the head too (evaluate.perplexity's
+    token_nll); otherwise (a wrapped head while training) from the logits. `kernel` is the chunked loss's hook for a kernel
     (see linear_cross_entropy; kernels/training.py sets it)."""
 
     def __init__(self, model: nn.Module, chunked: bool = True):
@@ -121,4 +124,6 @@ class LanguageModelLoss(nn.Module):
         if self.chunked and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None:
             h = self.model(x, hidden=True, **kw)  # (B, T, C)
             return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1), self.kernel)
+        if self.chunked and not torch.is_grad_enabled():
+            return token_nll(self.model, x, targets, **kw) / (targets != -100).sum().clamp_min(1)
         return cross_entropy(self.model(x, **kw), targets)
