@@ -153,3 +153,19 @@ def test_cli_eval_predictions_and_errors(cli, tmp_path):
     assert code == 2 and "empty" in err
     code, _, err = cli("eval", "--predictions", preds, "--metrics", "blue")
     assert code == 2 and "bleu" in err
+
+
+def test_cli_eval_ppl_without_data_for_this_tokenizer_measures_the_builtin_stories(cli, ckpt, tmp_path):
+    # an imported model has no prepared val.bin of its own tokenizer: the default is text it can read, not an error
+    out = tmp_path / "res.json"
+    code, _, err = cli("eval", "--model", ckpt, "--metrics", "ppl", "--output", out, "--set", "data.prepared_dir=nowhere")
+    assert code == 0, err
+    assert "nowhere has no prepared data; measuring on builtin:stories" in err
+    res = json.loads(out.read_text())["results"][0]
+    assert res["config"]["ppl"]["data"] == "builtin:stories" and res["scores"]["ppl"] > 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "meta.json").write_text(json.dumps({"tokenizer_sha256": "not-this-one"}))
+    code, _, err = cli("eval", "--model", ckpt, "--metrics", "ppl", "--output", out, "--set", "data.prepared_dir=other")
+    assert code == 0 and "other was prepared with another tokenizer" in err, err
+    assert json.loads(out.read_text())["results"][0]["scores"]["ppl"] == pytest.approx(res["scores"]["ppl"])

@@ -56,6 +56,16 @@ def _versions() -> dict[str, str]:
 def ppl_tokens(cfg: Config, tok, data: Optional[str]) -> tuple[np.ndarray, Optional[int], str, str]:
     """(token ids, bytes of text, description, sha256) of the perplexity data for this tokenizer."""
     source = data or cfg.eval.data
+    if source is None:  # the prepared val.bin where it was made with this tokenizer, else the built-in stories
+        meta = Path(cfg.data.prepared_dir) / "meta.json"
+        try:
+            fits = meta.is_file() and json.loads(meta.read_text()).get("tokenizer_sha256") in (None, tok.sha256())
+        except (OSError, ValueError):
+            fits = False
+        if not fits:
+            why = "was prepared with another tokenizer" if meta.is_file() else "has no prepared data"
+            ui.info(f"ppl: {cfg.data.prepared_dir} {why}; measuring on builtin:stories (--data FILE.txt for your text)")
+            source = "builtin:stories"
     if source is None or (Path(source).is_dir() and (Path(source) / "meta.json").is_file()):
         shards = TokenShards(source or cfg.data.prepared_dir)
         if shards.meta.get("tokenizer_sha256") not in (None, tok.sha256()):
