@@ -12,7 +12,7 @@ from llmgen.config import ModelConfig
 from llmgen.data.tokenizer import bytes_tokenizer
 from llmgen.errors import LlmgenError
 from llmgen.evaluate.metrics import load_metric
-from llmgen.evaluate.perplexity import perplexity, token_nll, windows
+from llmgen.evaluate.perplexity import activation_bytes, perplexity, token_nll, windows
 from llmgen.model.checkpoint import save_checkpoint
 from llmgen.model.transformer import Transformer
 
@@ -75,6 +75,19 @@ def test_sliding_window_perplexity_equals_hand_computation():
     assert res.tokens == 40 and res.loss == pytest.approx(total / n, rel=1e-5)
     assert res.ppl == pytest.approx(math.exp(total / n), rel=1e-5)
     assert res.bits_per_byte == pytest.approx(total / math.log(2) / 41, rel=1e-5)
+
+
+def test_long_windows_take_fewer_a_forward_and_score_the_same():
+    model = _tiny()
+    ids = torch.randint(0, 256, (90,)).numpy()
+    batches = []
+    model.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    whole = perplexity(model, ids, stride=4, batch_size=8)
+    assert max(batches) == 8
+    batches.clear()
+    split = perplexity(model, ids, stride=4, batch_size=8, max_bytes=3 * 16 * activation_bytes(model.cfg))
+    assert max(batches) == 3 and split.tokens == whole.tokens == 89
+    assert split.loss == pytest.approx(whole.loss, rel=1e-6)
 
 
 class _RowsSeen(torch.nn.Module):
@@ -169,3 +182,8 @@ def test_cli_eval_ppl_without_data_for_this_tokenizer_measures_the_builtin_stori
     code, _, err = cli("eval", "--model", ckpt, "--metrics", "ppl", "--output", out, "--set", "data.prepared_dir=other")
     assert code == 0 and "other was prepared with another tokenizer" in err, err
     assert json.loads(out.read_text())["results"][0]["scores"]["ppl"] == pytest.approx(res["scores"]["ppl"])
+    assert res["config"]["ppl"]["window"] == 64  # the model's context
+    code, _, err = cli("eval", "--model", ckpt, "--metrics", "ppl", "--output", out, "--set", "data.prepared_dir=other",
+                       "--set", "eval.window=32")
+    assert code == 0, err
+    assert json.loads(out.read_text())["results"][0]["config"]["ppl"]["window"] == 32

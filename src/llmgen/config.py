@@ -280,6 +280,7 @@ class EvalConfig:
     data: Optional[str] = None
     max_samples: Optional[int] = field(default=None, metadata=_rng(1))
     stride: Optional[int] = field(default=None, metadata=_rng(1))
+    window: Optional[int] = field(default=None, metadata=_rng(2))  # ppl window in tokens (null: the context, <= 8192)
     batch_size: int = field(default=8, metadata=_rng(1))
     seed: int = 1337
     aggregation: Literal["mean", "bootstrap"] = "mean"  # how ROUGE is averaged over examples

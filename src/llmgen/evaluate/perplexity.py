@@ -58,9 +58,18 @@ def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def activation_bytes(cfg) -> int:
+    """Bytes of fp32 activations a token holds at once in a forward without gradients (the MLP's gate, up and
+    their product beside a few model-width tensors): what sizes a batch of long windows."""
+    return 4 * (3 * cfg.ffn_hidden + 6 * cfg.d_model)
+
+
 @torch.inference_mode()
 def perplexity(model, ids: np.ndarray, n_bytes: Optional[int] = None, stride: Optional[int] = None,
-               max_len: Optional[int] = None, batch_size: int = 8, device=None, progress=None) -> PerplexityResult:
+               max_len: Optional[int] = None, batch_size: int = 8, device=None, progress=None,
+               max_bytes: int = 1 << 30) -> PerplexityResult:
+    """Up to `batch_size` windows a forward, fewer where long windows would pass `max_bytes` of activations
+    (SmolLM2's 8,192-token windows: 4 a forward)."""
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -73,8 +82,9 @@ def perplexity(model, ids: np.ndarray, n_bytes: Optional[int] = None, stride: Op
     for w in wins:
         groups.setdefault(w[1] - w[0], []).append(w)
     for length, ws in groups.items():
-        for i in range(0, len(ws), batch_size):
-            chunk = ws[i:i + batch_size]
+        per = max(1, min(batch_size, max_bytes // (length * activation_bytes(model.cfg))))
+        for i in range(0, len(ws), per):
+            chunk = ws[i:i + per]
             x = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
             targets = torch.full_like(x, -100)
             for r, (b, e, first) in enumerate(chunk):

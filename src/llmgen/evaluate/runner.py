@@ -53,6 +53,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
+DEFAULT_WINDOW = 8192  # tokens of context per perplexity window where eval.window is unset and the model's is longer
+
+
 def ppl_tokens(cfg: Config, tok, data: Optional[str]) -> tuple[np.ndarray, Optional[int], str, str]:
     """(token ids, bytes of text, description, sha256) of the perplexity data for this tokenizer."""
     source = data or cfg.eval.data
@@ -172,10 +175,10 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
         if "ppl" in metrics:
             ids, n_bytes, desc, sha = ppl_tokens(cfg, engine.tok, data if not gen_metrics else None if data and
                                                  Path(data).suffix == ".jsonl" else data)
-            max_len = engine.cfg.max_seq_len
+            max_len = min(cfg.eval.window or DEFAULT_WINDOW, engine.cfg.max_seq_len)
             n_w = len(windows(len(ids), max_len, min(cfg.eval.stride or max_len // 2, max_len)))
             with ui.progress("perplexity", n_w, unit="windows") as bar:
-                res = perplexity(engine.model, ids, n_bytes, cfg.eval.stride, None, cfg.eval.batch_size,
+                res = perplexity(engine.model, ids, n_bytes, cfg.eval.stride, max_len, cfg.eval.batch_size,
                                  engine.device, progress=bar.advance)
             entry["scores"].update({"ppl": res.ppl, "loss_nats_per_token": res.loss})
             if res.bits_per_byte is not None:
