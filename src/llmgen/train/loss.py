@@ -125,5 +125,5 @@ class LanguageModelLoss(nn.Module):
             h = self.model(x, hidden=True, **kw)  # (B, T, C)
             return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1), self.kernel)
         if self.chunked and not torch.is_grad_enabled():
-            return token_nll(self.model, x, targets, **kw) / (targets != -100).sum().clamp_min(1)
+            return token_nll(self.model, x, targets, **kw) / (targets != -100).sum()  # none: nan, as the mean of none
         return cross_entropy(self.model(x, **kw), targets)
