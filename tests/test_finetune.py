@@ -157,6 +157,22 @@ def test_lora_adapter_save_load_merge_and_export(cli, tmp_path):
         assert (hf(ids).logits - m).abs().max() < 1e-4
 
 
+def test_lora_finetune_is_reproducible_from_its_seed(cli, tmp_path):
+    # the adapters' initial weights come from train.seed too, not from whatever the RNG held before
+    from safetensors.torch import load_file
+
+    base, data = _base(tmp_path), _data(tmp_path)
+    weights = []
+    for run in ("a", "b"):
+        torch.rand(17)  # a different RNG state before each run
+        code, _, err = cli(*_ft_args(base, data, tmp_path / run, "--set", "finetune.method=lora",
+                                     "--set", "finetune.max_steps=2", "--set", "finetune.eval_every=2"))
+        assert code == 0, err
+        weights.append(load_file(str(tmp_path / run / "final" / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 0
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_finetune_refusals(cli, tmp_path):
     base, data = _base(tmp_path), _data(tmp_path)
     code, _, err = cli(*_ft_args(tmp_path / "missing", data, tmp_path / "r1"))

@@ -183,6 +183,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Trai
         info["prompt_format"] = fmt.to_json()
     job = TrainJob("finetune", batches, eval_sets, Path(base_dir), layer_lr_decay=ft.layer_lr_decay, info=info)
     if ft.method == "lora":
+        torch.manual_seed(cfg.train.seed)  # the adapters' initial weights: the same run from the same seed
         model = apply_lora(model, ft.lora)
         info["adapter"] = {"base": str(Path(base_dir).resolve()), **lora_info(ft.lora)}
         job.save_weights, job.load_weights = save_adapter, load_adapter_weights
