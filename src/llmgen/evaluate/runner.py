@@ -28,6 +28,7 @@ from llmgen.errors import LlmgenError
 from llmgen.evaluate.metrics import ALL_METRICS, load_metric
 from llmgen.evaluate.perplexity import perplexity, windows
 from llmgen.generate.engine import Engine
+from llmgen.kernels.training import keep_freed_memory
 
 DEFAULT_PAIRS = "builtin:instructions:eval"
 
@@ -175,6 +176,8 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
         if "ppl" in metrics:
             ids, n_bytes, desc, sha = ppl_tokens(cfg, engine.tok, data if not gen_metrics else None if data and
                                                  Path(data).suffix == ".jsonl" else data)
+            if engine.device.type == "cpu":  # long windows' activations: reused, not faulted in afresh each forward
+                keep_freed_memory()  # (SmolLM2, 10k tokens: 8.5 -> 0.9 s of system time, 6 % of the wall time)
             max_len = min(cfg.eval.window or DEFAULT_WINDOW, engine.cfg.max_seq_len)
             n_w = len(windows(len(ids), max_len, min(cfg.eval.stride or max_len // 2, max_len)))
             with ui.progress("perplexity", n_w, unit="windows") as bar:

@@ -225,7 +225,8 @@ def attend_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[t
 
 
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the system.
+    """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the system (for the
+    rest of the process: the trainer and `llmgen eval`'s perplexity call it; a server does not).
 
     By default it maps every block over 128 KB-32 MB fresh from the kernel and unmaps it on free, so each
     training step faults its activations and gradients back in page by page (~600 faults a step at the
