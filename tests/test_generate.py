@@ -193,6 +193,9 @@ def test_cli_generate_json_and_stream(cli, ckpt):
     assert code == 0, err
     assert out2.strip() == "Hello" + rec["completions"][0]["text"].rstrip() or out2.startswith("Hello")
     assert "tokens/s" in err and str(ckpt) in err
+    assert rec["prefill_seconds"] + rec["decode_seconds"] == pytest.approx(rec["seconds"], abs=2e-4)
+    code, _, err = cli("generate", "x" * 70, "--model", ckpt, "-n", "4", "--temperature", "0")
+    assert code == 0 and "prompt 70 tokens in" in err and "decoding" in err, err  # a long prompt's pass apart
     code, out3, err = cli("generate", "Hello", "--model", ckpt, "-n", "12", "--temperature", "0", "--json",
                           "--quantize", "int8")
     assert code == 0 and "int8 weights" in err, err
