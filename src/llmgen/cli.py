@@ -293,6 +293,12 @@ def generate(
                 if len(comps) > 1:
                     typer.echo(f"--- {i + 1}/{len(comps)}" + (f" (score {c.score:.3f})" if c.score is not None else ""))
                 typer.echo(c.text if engine.fmt is not None and not p.raw else prompt + c.text)
+    if (engine.fmt is None or p.raw) and engine.tok.chat_template and not any(c.tokens for c in comps):
+        # an imported instruction model given plain text (rendered as it is, as transformers' pipeline does) often
+        # ends it at once: say where its chat template is used instead of leaving an empty answer unexplained
+        ui.info("the model ended the text at once; it has a chat template (an instruction model?), which `llmgen chat` "
+                "and --input-file records with `messages` use; plain prompts are not wrapped in it"
+                + (" (nor is --system)" if system else ""))
     if json_out:
         typer.echo(json.dumps({"model": str(engine.source), "prompt": prompt, "prompt_tokens": st.prompt_tokens,
                                "completions": [{"text": c.text, "finish_reason": c.finish_reason, "new_tokens": len(c.tokens),
