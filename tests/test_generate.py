@@ -194,6 +194,15 @@ def test_cli_generate_json_and_stream(cli, ckpt):
     assert out2.strip() == "Hello" + rec["completions"][0]["text"].rstrip() or out2.startswith("Hello")
     assert "tokens/s" in err and str(ckpt) in err
     assert rec["prefill_seconds"] + rec["decode_seconds"] == pytest.approx(rec["seconds"], abs=2e-4)
+    # a system prompt asks for the chat template (the model was not instruction-finetuned by llmgen, as an
+    # imported instruct model): both turns rendered in it, and only the reply printed
+    code, out4, err = cli("generate", "Hello", "--model", ckpt, "-n", "6", "--temperature", "0", "--json", "--system", "Be kind.")
+    assert code == 0, err
+    wrapped = json.loads(out4)
+    assert wrapped["prompt_tokens"] > 5 + len("Be kind.")
+    code, out5, err = cli("generate", "Hello", "--model", ckpt, "-n", "6", "--temperature", "0", "--system", "Be kind.")
+    assert code == 0 and not out5.startswith("Hello"), out5
+    assert out5.strip() == wrapped["completions"][0]["text"].strip()
     code, _, err = cli("generate", "x" * 70, "--model", ckpt, "-n", "4", "--temperature", "0")
     assert code == 0 and "prompt 70 tokens in" in err and "decoding" in err, err  # a long prompt's pass apart
     code, out3, err = cli("generate", "Hello", "--model", ckpt, "-n", "12", "--temperature", "0", "--json",

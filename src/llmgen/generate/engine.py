@@ -186,7 +186,7 @@ class Engine:
 
     def prompt_ids(self, prompt: Prompt, p: SamplingParams, system: Optional[str] = None) -> list[int]:
         """Token ids for a prompt: plain text, or messages rendered with the model's prompt format."""
-        fmt = self.format_for([prompt], p)
+        fmt = self.format_for([prompt], p, system)
         if fmt is not None:
             turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             msgs = ([{"role": "system", "content": system}] if system else []) + turns
@@ -205,10 +205,11 @@ class Engine:
             ids = ids[-max(1, ctx - p.max_new_tokens):]
         return ids
 
-    def format_for(self, prompts: list[Prompt], p: SamplingParams) -> Optional[PromptFormat]:
+    def format_for(self, prompts: list[Prompt], p: SamplingParams, system: Optional[str] = None) -> Optional[PromptFormat]:
         """The prompt format these prompts are rendered with: the model's (unless `raw`), and for message
-        lists its tokenizer's chat template when it was not instruction-finetuned; None = plain text."""
-        if any(isinstance(x, list) for x in prompts):
+        lists, or text given a `system` prompt, its tokenizer's chat template when it was not
+        instruction-finetuned (an imported instruction model); None = plain text."""
+        if any(isinstance(x, list) for x in prompts) or (system and not p.raw):
             return self.fmt or PromptFormat.choose(self.tok, None)
         return self.fmt if not p.raw else None
 
@@ -246,7 +247,7 @@ class Engine:
         check_params(p)
         stats = stats if stats is not None else GenerationStats()
         rows = [self.prompt_ids(x, p, system) for x in prompts]
-        stops = self._stops(p, self.format_for(prompts, p))
+        stops = self._stops(p, self.format_for(prompts, p, system))
         if p.num_beams > 1:
             for i, r in enumerate(rows):
                 stats.prompt_tokens += len(r)
@@ -277,7 +278,7 @@ class Engine:
         if p.num_beams > 1 or p.num_return_sequences > 1:
             raise LlmgenError("streaming prints one sequence; use --no-stream with num_beams or num_return_sequences")
         ids = self.prompt_ids(prompt, p, system)
-        stops = self._stops(p, self.format_for([prompt], p))
+        stops = self._stops(p, self.format_for([prompt], p, system))
 
         def pieces(out: Stream) -> Iterator[str]:
             buf: list[str] = []
