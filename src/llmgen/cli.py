@@ -276,8 +276,8 @@ def generate(
         new, old = generate_file(engine, input_file, output_file, p, batch_size, system)
         ui.info(f"wrote {new} results to {output_file}" + (f" ({old} were already there)" if old else ""))
         return
+    templated = engine.format_for([prompt], p, system) is not None  # an instruction model: print only its reply
     if p.stream and not json_out and p.num_beams == 1 and p.num_return_sequences == 1:
-        templated = engine.format_for([prompt], p, system) is not None  # an instruction model: print only its reply
         if not templated:
             typer.echo(prompt, nl=False)
         stream = engine.stream(prompt, p, system)
@@ -292,8 +292,8 @@ def generate(
             for i, c in enumerate(comps):
                 if len(comps) > 1:
                     typer.echo(f"--- {i + 1}/{len(comps)}" + (f" (score {c.score:.3f})" if c.score is not None else ""))
-                typer.echo(c.text if engine.format_for([prompt], p, system) is not None else prompt + c.text)
-    if engine.format_for([prompt], p, system) is None and engine.tok.chat_template and not any(c.tokens for c in comps):
+                typer.echo(c.text if templated else prompt + c.text)
+    if not templated and engine.tok.chat_template and not any(c.tokens for c in comps):
         # an imported instruction model given plain text (rendered as it is, as transformers' pipeline does) often
         # ends it at once: say where its chat template is used instead of leaving an empty answer unexplained
         ui.info("the model ended the text at once; it has a chat template (an instruction model?), which --system, "
