@@ -72,6 +72,41 @@ def test_bf16_decoding_tracks_fp32():
     assert len(out[0][0].tokens) == 8 and out.stats.new_tokens == 8
 
 
+@pytest.mark.parametrize("bf16_s,fp16_s,quantize,want", [
+    (1.0, 2.0, None, torch.float32),       # a machine with faster bf16 matmuls and slow bf16 one-row products
+    (0.5, 0.25, "none", torch.bfloat16),   # ... where bf16 beats the fp32 path (fp16 weights not asked for)
+    (0.5, 1.0, None, torch.bfloat16),      # ... and one where bf16 decodes fastest
+    (0.5, 1.0, "int4", torch.float32),     # the int4 kernels take fp32 activations
+])
+def test_auto_dtype_for_decoding_is_measured_on_one_row_products(monkeypatch, bf16_s, fp16_s, quantize, want):
+    """dtype auto on a CPU whose bf16 matmuls are faster: decoding is bound by reading the weights, so bf16 is
+    kept only where its one-row product beats the fp32-activation paths (fp32, or fp16 weights where they would
+    be used); scoring perplexity batches keeps the full-matmul choice."""
+    from llmgen.kernels import blockwise, fp16_weights
+
+    if quantize == "int4" and blockwise.missing():
+        pytest.skip(blockwise.missing())
+    monkeypatch.setattr(precision, "matmul_speedup", lambda device, dtype, n=256: 2.2)
+    monkeypatch.setattr(fp16_weights, "decode_seconds", lambda: {"fp32": 1.0, "fp16": fp16_s, "bf16": bf16_s})
+    e = Engine(tiny(), bytes_tokenizer(), options=EngineOptions(device="cpu", quantize=quantize))
+    assert e.dtype == want and next(e.model.parameters()).dtype == want
+    if quantize is None:
+        assert f"bf16 decode matmul {min(1.0, fp16_s) / bf16_s:.2f}x {'fp16' if fp16_s < 1 else 'fp32'}" in e.describe()
+    score = Engine(tiny(), bytes_tokenizer(), options=EngineOptions(device="cpu", quantize="none", work="score"))
+    assert score.dtype == torch.bfloat16 and "decode matmul" not in score.describe()
+
+
+def test_decode_probe_times_every_path_quickly():
+    from llmgen.kernels import fp16_weights
+    import time
+
+    fp16_weights.decode_seconds.cache_clear()
+    t0 = time.perf_counter()
+    t = fp16_weights.decode_seconds()
+    assert time.perf_counter() - t0 < 2.0
+    assert 0 < t["fp32"] < 1 and 0 < t["bf16"] < 1 and (t["fp16"] < 1) == fp16_weights.available()
+
+
 def test_cli_dtype_flag_and_json_record(cli, tmp_path):
     tok_dir = tmp_path / "tok"
     bytes_tokenizer().save(tok_dir)

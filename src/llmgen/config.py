@@ -246,6 +246,9 @@ class EngineOptions:
     # torch.compile the decode step: True, False, or None = auto: where it pays for the work ahead on this
     # machine (Engine.plan, generate/compile_plan.py). The first call of a graph pays its compile time.
     compile: Optional[bool] = None
+    # what the engine is for: decode (generate, chat, serve, predictions: dtype auto is measured on one-row
+    # products, bound by reading the weights) or score (perplexity batches only: measured on full products)
+    work: Literal["decode", "score"] = "decode"
 
 
 @dataclass

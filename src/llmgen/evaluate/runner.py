@@ -168,7 +168,8 @@ def eval_model(cfg: Config, model: Optional[str], metrics: list[str], data: Opti
         if not gen_metrics and quantize in (None, "auto"):
             quantize = "none"  # perplexity alone never decodes: fp16 weights would only cost their packing
         engine = Engine.load(model, cfg.run_dir, EngineOptions(dtype=cfg.generate.dtype, quantize=quantize,
-                                                                    compile=cfg.generate.compile))
+                                                                    compile=cfg.generate.compile,
+                                                                    work="decode" if gen_metrics else "score"))
         entry["model"] = str(engine.source)
         entry["config"]["quantize"] = quantize
         entry["config"]["engine"] = engine.describe()

@@ -32,7 +32,7 @@ from llmgen.errors import LlmgenError
 from llmgen.generate import compile_plan
 from llmgen.generate import sampling as S
 from llmgen.interop.load import load_model
-from llmgen.kernels import prepare_for_inference
+from llmgen.kernels import bf16_decodes_faster, prepare_for_inference
 from llmgen.kernels.precision import choose_dtype, dtype_name
 from llmgen.generate.scheduler import (SHORT_ROW, Completion, GenerationStats, Request, Scheduler,
                                        first_stop)
@@ -83,8 +83,12 @@ class Engine:
         quantize = options.quantize
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype, self.dtype_why = choose_dtype(self.device, options.dtype)
-        if quantize in ("int4", "int8") and self.device.type == "cpu" and options.dtype == "auto":
-            dtype, self.dtype_why = torch.float32, f"the {quantize} kernels take fp32 activations"
+        if self.device.type == "cpu" and options.dtype == "auto":
+            if quantize in ("int4", "int8", "fp16"):
+                dtype, self.dtype_why = torch.float32, f"the {quantize} weight kernels take fp32 activations"
+            elif dtype == torch.bfloat16 and options.work == "decode":  # faster matmuls; faster one-row ones?
+                faster, why = bf16_decodes_faster(quantize)
+                dtype, self.dtype_why = (torch.bfloat16 if faster else torch.float32), f"{self.dtype_why}; {why}"
         self.model = model.to(self.device, dtype=dtype).eval()
         self.n_params = model.num_params()
         # int8 weights, or q/k/v and gate/up as one matmul each, with fp16 weights where they pay

@@ -31,6 +31,7 @@ from llmgen.kernels.int8 import Int8Linear
 from llmgen.model.transformer import Transformer
 
 FP16_WORTH = 1.3  # fp16 weights are used by default where a decode matmul runs this much faster with them
+BF16_DECODE_WORTH = 1.15  # bf16 decodes by default (dtype auto) where it beats the fp32-activation paths by this
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -126,9 +127,20 @@ def use_fp16_weights(model: Transformer, quantize: Optional[str]) -> tuple[bool,
         return True, "fp16 weights (FBGEMM), as asked"
     if quantize == "none" or not fits:
         return False, ""
-    x = fp16_weights.speedup()
+    t = fp16_weights.decode_seconds()
+    x = t["fp32"] / t["fp16"]
     why = f"decode matmul {x:.1f}x fp32's on this CPU"
     return (True, f"fp16 weights (FBGEMM: {why})") if x >= FP16_WORTH else (False, f"fp32 weights (fp16: {why})")
+
+
+def bf16_decodes_faster(quantize: Optional[str]) -> tuple[bool, str]:
+    """(whether bf16 weights and activations decode clearly faster than the fp32 paths, why), on a CPU whose
+    bf16 matmuls measured faster than fp32's: a decode step is bound by reading the weights, and bf16's
+    one-row product can be slower than fp32's even there (oneDNN on an AMD EPYC Zen 4: 0.45x fp16 weights')."""
+    t = fp16_weights.decode_seconds()
+    rival = "fp16" if quantize in (None, "auto") and t["fp16"] < t["fp32"] else "fp32"
+    x = t[rival] / t["bf16"]
+    return x >= BF16_DECODE_WORTH, f"bf16 decode matmul {x:.2f}x {rival} weights'"
 
 
 def prepare_for_inference(model: Transformer, quantize: Optional[str] = None) -> str:

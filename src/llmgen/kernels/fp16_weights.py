@@ -6,7 +6,7 @@ accumulation and outputs stay fp32 (the weights are widened in registers), so th
 fp32 product with the weights rounded to fp16: SmolLM2's perplexity changes by about 0.02 %. On the
 AMD EPYC machine kind it runs a decode matmul 1.6-3x faster than the fp32 split product, and it is
 never much slower up to a few hundred rows (prefill). Whether it pays is measured once per process
-(`speedup`); `prepare_for_inference` uses it by default only where it does.
+(`decode_seconds`); `prepare_for_inference` uses it by default only where it does.
 
 The packed weights are opaque objects that torch.compile cannot trace, so they sit in a table and
 the product is a custom operator that takes the table index.
@@ -91,25 +91,30 @@ def fp16_linear(x: torch.Tensor, handle: int, out: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def speedup() -> float:
-    """How many times faster a decode matmul (one and four rows by a 2048 x 1024 weight, 8 MB in fp32:
-    past the private caches) runs with fp16 weights than through the fp32 decode path on this CPU;
-    best of alternating rounds, measured once per process (~30 ms); 0 where FBGEMM is missing."""
-    if not available():
-        return 0.0
+def decode_seconds() -> dict[str, float]:
+    """Seconds a decode matmul (one and four rows by a 2048 x 1024 weight, 8 MB in fp32: past the private
+    caches) takes on this CPU through each weight path: `fp32` (the fp32 decode path), `fp16` (these fp16
+    weights; inf where FBGEMM is missing) and `bf16` (bf16 weights and activations through torch's product,
+    what `--dtype bf16` decodes with). Best of alternating rounds, measured once per process (~30 ms); a
+    path clearly slower than fp32 after two rounds is not timed further (bf16 on CPUs without fast bf16)."""
     w = torch.ones(2048, 1024) * 0.01  # no RNG draws
-    w32 = decode_layout(w)
-    handle = pack(w, None, w)  # freed with w
-    best = {"fp32": float("inf"), "fp16": float("inf")}
+    xs = [torch.ones(1, 1024), torch.ones(4, 1024)]
+    paths = {"fp32": (lambda x, w32=decode_layout(w): linear(x, w32)),
+             "bf16": (lambda x, wb=w.bfloat16(): F.linear(x.bfloat16(), wb))}
+    if available():
+        handle = pack(w, None, w)  # freed with w
+        paths["fp16"] = lambda x: fp16_linear(x, handle, 2048)
+    best = {kind: float("inf") for kind in ("fp32", "fp16", "bf16")}
     with torch.no_grad():
-        xs = [torch.ones(1, 1024), torch.ones(4, 1024)]
-        for _ in range(8):
-            for kind in best:
+        for round_ in range(8):
+            for kind, product in paths.items():
+                if round_ >= 2 and best[kind] > 2 * best["fp32"]:
+                    continue
                 t0 = time.perf_counter()
                 for x in xs:
-                    linear(x, w32) if kind == "fp32" else fp16_linear(x, handle, 2048)
+                    product(x)
                 best[kind] = min(best[kind], time.perf_counter() - t0)
-    return best["fp32"] / max(best["fp16"], 1e-9)
+    return best
 
 
 class Fp16Linear(nn.Linear):
