@@ -116,3 +116,16 @@ def test_cli_dtype_flag_and_json_record(cli, tmp_path):
     assert "bf16 (as asked)" in json.loads(out)["engine"] and "bf16 (as asked)" in err
     code, _, err = cli("generate", "Hi", "--model", tmp_path / "ckpt", "--dtype", "fp8")
     assert code == 2 and "generate.dtype" in err
+
+
+def test_cpu_name_tells_machine_kinds_apart():
+    """Benchmark tables and the compile timings key on the CPU: VMs report "AMD EPYC" for Zen 3 and Zen 4 alike,
+    so the family/model numbers and the extensions that decide the fast paths come with the name."""
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file() or "model name" not in info.read_text():
+        pytest.skip("no /proc/cpuinfo model name here")
+    name = precision.cpu_name()
+    model = next(x.split(":", 1)[1].strip() for x in info.read_text().splitlines() if x.startswith("model name"))
+    assert name.startswith(model + " (family ") and "model " in name.split("(", 1)[1]
