@@ -20,7 +20,7 @@ from llmgen.train.loop import TrainJob, train
 
 @pytest.mark.parametrize("speedup,want", [(6.1, torch.bfloat16), (1.2, torch.float32), (0.03, torch.float32)])
 def test_auto_picks_bf16_only_where_it_is_clearly_faster(monkeypatch, speedup, want):
-    monkeypatch.setattr(precision, "matmul_speedup", lambda device, dtype, n=256: speedup)
+    monkeypatch.setattr(precision, "matmul_speedup", lambda device, dtype: speedup)
     dtype, why = precision.choose_dtype(torch.device("cpu"))
     assert dtype == want and f"bf16 matmul {speedup:.2f}x fp32 on this CPU" == why
     mode, why = distributed.mixed_precision_mode("auto")
@@ -86,7 +86,7 @@ def test_auto_dtype_for_decoding_is_measured_on_one_row_products(monkeypatch, bf
 
     if quantize == "int4" and blockwise.missing():
         pytest.skip(blockwise.missing())
-    monkeypatch.setattr(precision, "matmul_speedup", lambda device, dtype, n=256: 2.2)
+    monkeypatch.setattr(precision, "matmul_speedup", lambda device, dtype: 2.2)
     monkeypatch.setattr(fp16_weights, "decode_seconds", lambda: {"fp32": 1.0, "fp16": fp16_s, "bf16": bf16_s})
     e = Engine(tiny(), bytes_tokenizer(), options=EngineOptions(device="cpu", quantize=quantize))
     assert e.dtype == want and next(e.model.parameters()).dtype == want
