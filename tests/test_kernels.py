@@ -383,6 +383,25 @@ def test_decode_attention_equals_attend(nh, nkv, slots):
 
 
 @needs_blockwise
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 100), (2, 300, 128)])
+def test_inference_rms_norm_equals_torchs(shape):
+    """int4/int8 models normalise through llmgen_blockwise::rms_norm (one pass a row; torch's is several
+    kernels): F.rms_norm's result to float rounding, decode rows and prefill-sized ones (the threaded
+    path); a call that would need a backward, or another dtype, takes the module's plain path."""
+    blockwise.load()
+    torch.manual_seed(shape[1])
+    x, w = torch.randn(*shape), torch.randn(shape[-1])
+    want = torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5)
+    got = blockwise.rms_norm(x, w, 1e-5)
+    assert got is not None and torch.allclose(got, want, atol=1e-5, rtol=1e-5) and not torch.equal(got, x)
+    assert blockwise.rms_norm(x, torch.nn.Parameter(w), 1e-5) is None  # grad enabled: autograd's path
+    assert blockwise.rms_norm(x.double(), w.double(), 1e-5) is None
+    model = Transformer(ModelConfig(preset=None, n_layer=1, n_head=2, d_model=64, max_seq_len=16, vocab_size=64))
+    prepare_for_inference(model, "int4")
+    assert {m.kernel for m in model.modules() if isinstance(m, RMSNorm)} == {blockwise.rms_norm}
+
+
+@needs_blockwise
 def test_a_failed_kernel_build_says_why_and_leaves_nothing_behind(tmp_path, monkeypatch):
     """A build that fails (here: a compiler that always fails) is one LlmgenError, and leaves no half-built
     folder (or lock) for the next run to wait on; the next build in the same place succeeds."""

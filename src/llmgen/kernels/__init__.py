@@ -28,7 +28,7 @@ from llmgen.kernels.cpu_matmul import DecodeLinear, register_split_op
 from llmgen.kernels.fp16_weights import Fp16Linear
 from llmgen.kernels.fused import FusedLinear, plain
 from llmgen.kernels.int8 import Int8Linear
-from llmgen.model.transformer import Transformer
+from llmgen.model.transformer import RMSNorm, Transformer
 
 FP16_WORTH = 1.3  # fp16 weights are used by default where a decode matmul runs this much faster with them
 BF16_DECODE_WORTH = 1.15  # bf16 decodes by default (dtype auto) where it beats the fp32-activation paths by this
@@ -69,6 +69,9 @@ def quantize_blockwise(model: Transformer, bits: int) -> Transformer:
         for parent, name in ((a, "wo"), (m, "w2")) + (() if m.gated else ((m, "w1"),)):
             swap(parent, (name,), bits)
     swap(model, ("lm_head",), 8)
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.kernel = blockwise.rms_norm
     if not swapped:
         raise LlmgenError(f"--quantize int{bits}: no projection of this model can take blocks of 32 weights (their "
                           f"input features must be a multiple of 64; d_model is {model.cfg.d_model}); use --quantize "

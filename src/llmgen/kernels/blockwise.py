@@ -134,6 +134,17 @@ class Split:
         return self.whole(x).split(self.sizes, dim=-1)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """The RMSNorm module's kernel hook in inference (`quantize_blockwise` sets it): fp32 CPU rows in one pass
+    through `llmgen_blockwise::rms_norm` (also inside torch.compile, as an opaque operator: the compiled step
+    computes what the eager one does, token for token); None (the module's plain path) for anything else."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.device.type != "cpu" or not x.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no backward here
+        return None
+    return torch.ops.llmgen_blockwise.rms_norm(x, weight, eps)
+
+
 def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                   p: float) -> torch.Tensor:
     """transformer.attend, with one new token per row (decoding, fp32 on the CPU) through
