@@ -402,6 +402,34 @@ def test_inference_rms_norm_equals_torchs(shape):
 
 
 @needs_blockwise
+@pytest.mark.parametrize("quantize", ["none", "fp16"])
+def test_fp32_decoding_uses_the_attention_and_norm_kernels(quantize):
+    """Every fp32 CPU engine (not only int4/int8) decodes with the one-token attention and RMSNorm kernels
+    (torch's are most of the eager step's overhead at small widths): the hooks are set, and the logits of
+    a prefill and of decode steps over the cache match the plain model's; a bf16 model keeps torch's ops."""
+    if quantize == "fp16" and not fp16_weights.available():
+        pytest.skip("no FBGEMM fp16 product in this torch build")
+    torch.manual_seed(0)
+    plain_model = Transformer(ModelConfig(preset=None, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                                          max_seq_len=64, vocab_size=260)).eval()
+    fast = copy.deepcopy(plain_model)
+    prepare_for_inference(fast, quantize)
+    assert {m.kernel for m in fast.modules() if isinstance(m, RMSNorm)} == {blockwise.rms_norm}
+    assert all(b.attn.attend is blockwise.decode_attend for b in fast.blocks)
+    idx = torch.randint(0, 260, (2, 12))
+    with torch.no_grad():
+        want = plain_model(idx)
+        cache = KVCache.allocate(fast.cfg, 2, 64)
+        first = fast(idx[:, :8], cache=cache, pos=0)
+        steps = torch.stack([fast(idx[:, t:t + 1], cache=cache, pos=t)[:, -1] for t in range(8, 12)], 1)
+    tol = dict(atol=2e-4, rtol=1e-4) if quantize == "none" else dict(atol=5e-2)  # fp16 weights round
+    assert torch.allclose(first, want[:, :8], **tol) and torch.allclose(steps, want[:, 8:], **tol)
+    bf16 = copy.deepcopy(plain_model).to(torch.bfloat16)
+    prepare_for_inference(bf16, "none")
+    assert all(m.kernel is None for m in bf16.modules() if isinstance(m, RMSNorm))
+
+
+@needs_blockwise
 def test_a_failed_kernel_build_says_why_and_leaves_nothing_behind(tmp_path, monkeypatch):
     """A build that fails (here: a compiler that always fails) is one LlmgenError, and leaves no half-built
     folder (or lock) for the next run to wait on; the next build in the same place succeeds."""
@@ -409,7 +437,7 @@ def test_a_failed_kernel_build_says_why_and_leaves_nothing_behind(tmp_path, monk
     monkeypatch.setenv("CXX", shutil.which("false"))
     native.build.cache_clear()
     try:
-        with pytest.raises(LlmgenError, match="could not build the int4/int8 kernels"):
+        with pytest.raises(LlmgenError, match="could not build the CPU decoding kernels"):
             blockwise.load()
         assert not list((tmp_path / "kernels").iterdir())
         monkeypatch.delenv("CXX")  # a process of its own: this one has the library loaded from elsewhere

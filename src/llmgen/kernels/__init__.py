@@ -63,20 +63,37 @@ def quantize_blockwise(model: Transformer, bits: int) -> Transformer:
 
     for block in model.blocks:
         a, m = block.attn, block.mlp
-        a.attend = blockwise.decode_attend
         a.fused_qkv = swap(a, ("wq", "wk", "wv"), bits)
         m.fused_gate_up = swap(m, ("w1", "w3"), bits) if m.gated else None
         for parent, name in ((a, "wo"), (m, "w2")) + (() if m.gated else ((m, "w1"),)):
             swap(parent, (name,), bits)
     swap(model, ("lm_head",), 8)
-    for m in model.modules():
-        if isinstance(m, RMSNorm):
-            m.kernel = blockwise.rms_norm
+    use_decode_kernels(model)
     if not swapped:
         raise LlmgenError(f"--quantize int{bits}: no projection of this model can take blocks of 32 weights (their "
                           f"input features must be a multiple of 64; d_model is {model.cfg.d_model}); use --quantize "
                           f"fp16 or none")
     return model
+
+
+def use_decode_kernels(model: Transformer) -> bool:
+    """One-token attention and RMSNorm through llmgen_blockwise's kernels (`decode_attend`, `rms_norm`: torch's
+    cost 35 and 11-28 us a call at SmolLM2's size, a few of ours), set on the model's hooks, for an fp32 model
+    on an AVX2 CPU; the library is built on first use (~10 s). Where it cannot be, torch's ops stay: returns
+    whether the kernels are on. (The hooks take the plain path for anything but fp32 CPU inference.)"""
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32 or blockwise.missing():
+        return False
+    try:
+        blockwise.load()
+    except LlmgenError:
+        return False
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.kernel = blockwise.rms_norm
+    for block in model.blocks:
+        block.attn.attend = blockwise.decode_attend
+    return True
 
 
 def stale(fused, first: nn.Module) -> bool:
@@ -164,4 +181,5 @@ def prepare_for_inference(model: Transformer, quantize: Optional[str] = None) ->
         return "int8 weights (torch's weight-only kernel)"
     fp16, why = use_fp16_weights(model, quantize)
     fuse_projections(model, fp16)
+    use_decode_kernels(model)
     return why

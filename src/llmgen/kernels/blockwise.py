@@ -15,6 +15,9 @@ bounds it); int8 products are weight-only, the codes widened to fp32 in register
 fast as the integer form and without rounding the activations). `--quantize int4` keeps the output
 head in int8 (as llama.cpp's Q4 files keep the embedding in Q8_0): one 49,152-row head in 4 bits costs
 a small model far more quality than all its blocks do.
+
+Beside them, two kernels every fp32 CPU decode uses (`kernels.use_decode_kernels`; int4, int8, fp16 or fp32
+weights alike): attention for one new token per row, and RMSNorm in one pass a row.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ BLOCK = 32
 SOURCE = Path(__file__).with_name("blockwise.cpp")
 
 
-WHAT = "the int4/int8 kernels"
+WHAT = "the CPU decoding kernels (int4/int8 products, attention, RMSNorm)"
 
 
 def missing() -> Optional[str]:
