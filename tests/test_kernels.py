@@ -194,9 +194,11 @@ def test_weights_path_is_measured_or_as_asked(monkeypatch):
     m = small_model()
     assert prepare_for_inference(m, "auto").startswith("fp32 weights") and type(m.blocks[0].mlp.w2) is DecodeLinear
     m = small_model()
-    assert prepare_for_inference(m, "fp16") == "fp16 weights (FBGEMM), as asked" and type(m.lm_head) is Fp16Linear
+    kernels = "" if blockwise.missing() else "attention/RMSNorm kernels"
+    assert (prepare_for_inference(m, "fp16") == ", ".join(filter(None, ["fp16 weights (FBGEMM), as asked", kernels]))
+            and type(m.lm_head) is Fp16Linear)
     m = small_model()
-    assert prepare_for_inference(m, "none") == "" and type(m.lm_head) is DecodeLinear
+    assert prepare_for_inference(m, "none") == kernels and type(m.lm_head) is DecodeLinear
     with pytest.raises(LlmgenError, match="fp16 is a CPU path for fp32 models.*bfloat16 on cpu: add --dtype fp32"):
         prepare_for_inference(small_model().to(torch.bfloat16), "fp16")
 

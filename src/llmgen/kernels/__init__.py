@@ -181,5 +181,6 @@ def prepare_for_inference(model: Transformer, quantize: Optional[str] = None) ->
         return "int8 weights (torch's weight-only kernel)"
     fp16, why = use_fp16_weights(model, quantize)
     fuse_projections(model, fp16)
-    use_decode_kernels(model)
+    if use_decode_kernels(model):
+        why = ", ".join(filter(None, [why, "attention/RMSNorm kernels"]))
     return why
