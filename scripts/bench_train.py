@@ -7,7 +7,7 @@ embeddings), with AdamW, the same batch size, sequence length and token windows,
 Ours is the real trainer at its defaults (`train.mixed_precision: auto`: bf16 autocast where this CPU's
 bf16 matmuls measure clearly faster, else fp32); the HF loop runs in fp32 and under bf16 autocast, and the
 faster is the anchor (bf16 is skipped where its matmuls are hopelessly slow, and the run says so). MFU is
-against the measured matmul peak of the precision each side used. Ours is the real trainer (`llmgen.train.loop.train`) with evaluation and
+against the measured matmul peak of the precision each side used. The trainer runs with evaluation and
 checkpoints out of the way; tokens/s is read from its metrics. Each HF round runs in a fresh process
 (glibc's malloc at its defaults, as a user's loop has it; llmgen's trainer sets it to keep freed memory
 for the next step, process-wide); `--hf-same-process` runs it here instead, with that setting.

@@ -186,11 +186,11 @@ def test_fp16_weights_are_fp32_math_on_rounded_weights(arch):
 def test_weights_path_is_measured_or_as_asked(monkeypatch):
     """quantize auto picks fp16 weights only where the probe measured them clearly faster; none and fp16
     are obeyed; fp16 on a model that is not fp32 is refused in one line."""
-    monkeypatch.setattr(fp16_weights, "decode_seconds", lambda: {"fp32": 1.0, "fp16": 0.4, "bf16": 2.0})
+    monkeypatch.setattr(fp16_weights, "decode_seconds", lambda bf16=False: {"fp32": 1.0, "fp16": 0.4, "bf16": 2.0})
     m = small_model()
     assert "fp16 weights (FBGEMM: decode matmul 2.5x" in prepare_for_inference(m, None)
     assert type(m.blocks[0].mlp.w2) is Fp16Linear
-    monkeypatch.setattr(fp16_weights, "decode_seconds", lambda: {"fp32": 1.0, "fp16": 0.9, "bf16": 2.0})
+    monkeypatch.setattr(fp16_weights, "decode_seconds", lambda bf16=False: {"fp32": 1.0, "fp16": 0.9, "bf16": 2.0})
     m = small_model()
     assert prepare_for_inference(m, "auto").startswith("fp32 weights") and type(m.blocks[0].mlp.w2) is DecodeLinear
     m = small_model()

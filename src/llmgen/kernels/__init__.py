@@ -157,7 +157,7 @@ def bf16_decodes_faster(quantize: Optional[str]) -> tuple[bool, str]:
     """(whether bf16 weights and activations decode clearly faster than the fp32 paths, why), on a CPU whose
     bf16 matmuls measured faster than fp32's: a decode step is bound by reading the weights, and bf16's
     one-row product can be slower than fp32's even there (an AMD EPYC Zen 4: 0.6-0.8x fp16 weights')."""
-    t = fp16_weights.decode_seconds()
+    t = fp16_weights.decode_seconds(bf16=True)
     rival = "fp16" if quantize in (None, "auto") and t["fp16"] < t["fp32"] else "fp32"
     x = t[rival] / t["bf16"]
     return x >= BF16_DECODE_WORTH, f"bf16 decode matmul {x:.2f}x {rival} weights'"

@@ -138,7 +138,7 @@ class Split:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
-    """The RMSNorm module's kernel hook in inference (`quantize_blockwise` sets it): fp32 CPU rows in one pass
+    """The RMSNorm module's kernel hook in inference (`kernels.use_decode_kernels` sets it): fp32 CPU rows in one pass
     through `llmgen_blockwise::rms_norm` (also inside torch.compile, as an opaque operator: the compiled step
     computes what the eager one does, token for token); None (the module's plain path) for anything else."""
     if (x.dtype != torch.float32 or weight.dtype != torch.float32

@@ -15,7 +15,6 @@ the product is a custom operator that takes the table index.
 from __future__ import annotations
 
 import copy
-import functools
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,21 +89,27 @@ def fp16_linear(x: torch.Tensor, handle: int, out: int) -> torch.Tensor:
     return torch.ops.llmgen.fp16_linear(x, handle, out) if torch.compiler.is_compiling() else _product(x, handle, out)
 
 
-@functools.lru_cache(maxsize=None)
-def decode_seconds() -> dict[str, float]:
+_timed: dict[str, float] = {}  # decode_seconds' measurements, once per process
+
+
+def decode_seconds(bf16: bool = False) -> dict[str, float]:
     """Seconds a decode matmul (one and four rows by a 2048 x 1024 weight, 8 MB in fp32: past the private
     caches) takes on this CPU through each weight path: `fp32` (the fp32 decode path), `fp16` (these fp16
-    weights; inf where FBGEMM is missing) and `bf16` (bf16 weights and activations through torch's product,
-    what `--dtype bf16` decodes with). Best of alternating rounds, measured once per process (~30 ms); a
-    path clearly slower than fp32 after two rounds is not timed further (bf16 on CPUs without fast bf16)."""
+    weights; inf where FBGEMM is missing) and, with `bf16` (asked only where bf16 matmuls measured faster, so
+    other CPUs pay nothing for it; inf otherwise), bf16 weights and activations through torch's product, what
+    `--dtype bf16` decodes with. Best of alternating rounds (~30 ms), measured once per process (again only
+    to add bf16); a path clearly slower than fp32 after two rounds is not timed further."""
+    if _timed and ("bf16" in _timed or not bf16):
+        return {"bf16": float("inf"), **_timed}
     w = torch.ones(2048, 1024) * 0.01  # no RNG draws
     xs = [torch.ones(1, 1024), torch.ones(4, 1024)]
-    paths = {"fp32": (lambda x, w32=decode_layout(w): linear(x, w32)),
-             "bf16": (lambda x, wb=w.bfloat16(): F.linear(x.bfloat16(), wb))}
+    paths = {"fp32": (lambda x, w32=decode_layout(w): linear(x, w32))}
+    if bf16:
+        paths["bf16"] = lambda x, wb=w.bfloat16(): F.linear(x.bfloat16(), wb)
     if available():
         handle = pack(w, None, w)  # freed with w
         paths["fp16"] = lambda x: fp16_linear(x, handle, 2048)
-    best = {kind: float("inf") for kind in ("fp32", "fp16", "bf16")}
+    best = {kind: float("inf") for kind in ("fp32", "fp16")} | {kind: float("inf") for kind in paths}
     with torch.no_grad():
         for round_ in range(8):
             for kind, product in paths.items():
@@ -114,7 +119,9 @@ def decode_seconds() -> dict[str, float]:
                 for x in xs:
                     product(x)
                 best[kind] = min(best[kind], time.perf_counter() - t0)
-    return best
+    _timed.clear()
+    _timed.update(best)
+    return decode_seconds(bf16)
 
 
 class Fp16Linear(nn.Linear):
